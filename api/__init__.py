@@ -1,0 +1,60 @@
+"""Flask API: validates requests, records jobs in Redis and enqueues them by task name."""
+
+from __future__ import annotations
+
+import redis
+from celery import Celery
+from flask import Flask
+
+from shared.jobs import QUERY_QUEUE, QUERY_TASK, TRAIN_QUEUE, TRAIN_TASK, JobStore
+from shared.keys import Keys
+from shared.registry import ModelRegistry
+from shared.settings import Settings
+
+# Multipart framing around the file; the file itself is checked against max_upload_bytes.
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+class Services:
+    """The API's handles on Redis and the queue, built once per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=5,
+            health_check_interval=30,
+        )
+        self.jobs = JobStore(self.redis, self.keys, settings.job_ttl_s)
+        self.registry = ModelRegistry(self.redis, self.keys)
+        # A Celery client only: the API sends by task name and never imports worker code.
+        self.queue = Celery("imgsim-api", broker=settings.redis_url)
+        self.queue.conf.update(
+            task_serializer="json", accept_content=["json"],
+            task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, QUERY_TASK: {"queue": QUERY_QUEUE}},
+            broker_connection_retry=False, broker_connection_max_retries=0,
+        )
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the Flask app.
+
+    Args:
+        settings: configuration; read from the environment when None.
+
+    Returns:
+        The WSGI application.
+    """
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    app.json.sort_keys = False
+    app.extensions["imgsim"] = Services(settings)
+
+    from api import errors, health, images, jobs
+
+    errors.register(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(jobs.bp)
+    app.register_blueprint(images.bp)
+    return app

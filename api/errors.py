@@ -1,0 +1,57 @@
+"""Every error is JSON ``{"error": {"code", "message"}}`` with the right status, never HTML."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """Raised by handlers to answer with a JSON error."""
+
+    def __init__(self, status: int, code: str, message: str, **extra) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+def error_response(status: int, code: str, message: str, **extra):
+    """A JSON error response."""
+    body = {"error": {"code": code, "message": message, **extra}}
+    return jsonify(body), status
+
+
+def register(app: Flask) -> None:
+    """Install the JSON error handlers on ``app``."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, **exc.extra)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_exc):
+        limit = app.extensions["imgsim"].settings.max_upload_bytes
+        return error_response(413, "payload_too_large",
+                              f"request body too large: the upload limit is {limit:,} bytes")
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        code = (exc.name or "error").lower().replace(" ", "_").replace("'", "")
+        return error_response(exc.code or 500, code, exc.description or exc.name)
+
+    @app.errorhandler(redis.RedisError)
+    def _redis_down(exc):
+        log.warning("redis unavailable: %s", exc)
+        return error_response(503, "redis_unavailable", "the job store (Redis) is unreachable")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc):
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal server error")

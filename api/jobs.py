@@ -1,0 +1,122 @@
+"""Job endpoints: ``POST /jobs/train``, ``POST /jobs/query``, ``GET /jobs/<id>``."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from flask import Blueprint, jsonify, request, url_for
+
+from api.errors import ApiError
+from api.services import services
+from shared.datasets import Candidate, DatasetError, iter_dataset, resolve_dataset
+from shared.images import ImageDecodeError, decode_image, probe_image, read_file_bytes
+from shared.jobs import QUERY_QUEUE, QUERY_TASK, TRAIN_QUEUE, TRAIN_TASK, JobType
+from shared.schema import QueryParams, TrainParams, ValidationError
+
+bp = Blueprint("jobs", __name__, url_prefix="/jobs")
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+# How much of a folder the API reads to confirm it holds an image before enqueueing.
+PROBE_FILES = 200
+PROBE_SECONDS = 3.0
+
+
+def _accepted(job: dict):
+    location = url_for("jobs.get_job", job_id=job["job_id"])
+    response = jsonify({"job_id": job["job_id"], "status": job["status"], "status_url": location})
+    response.status_code = 202
+    response.headers["Location"] = location
+    return response
+
+
+def _enqueue(task: str, queue: str, job: dict, args: list) -> None:
+    svc = services()
+    try:
+        svc.queue.send_task(task, args=args, queue=queue, task_id=job["job_id"], retry=False)
+    except Exception as exc:  # broker refused: do not leave a job that will never run
+        svc.jobs.fail(job["job_id"], "enqueue_failed", f"could not enqueue the job: {exc}")
+        raise ApiError(503, "queue_unavailable", "the job queue is unreachable") from None
+
+
+def _has_readable_image(root) -> bool:
+    svc = services()
+    deadline = time.monotonic() + PROBE_SECONDS
+    tried = 0
+    for item in iter_dataset(root):
+        if not isinstance(item, Candidate):
+            continue
+        try:
+            probe_image(read_file_bytes(item.path, svc.settings.max_upload_bytes),
+                        svc.settings.max_image_pixels)
+            return True
+        except ImageDecodeError:
+            tried += 1
+        if tried >= PROBE_FILES or time.monotonic() > deadline:
+            break
+    return False
+
+
+@bp.post("/train")
+def create_train_job():
+    """Validate a training request, record the job and enqueue it; 202 with its status URL."""
+    body = request.get_json(silent=True)
+    if body is None:
+        raise ApiError(400, "invalid_json", "the body must be a JSON object with 'dataset'")
+    try:
+        params = TrainParams.parse(body)
+    except ValidationError as exc:
+        raise ApiError(400, "invalid_parameter", exc.message, field=exc.field) from None
+    svc = services()
+    try:
+        root = resolve_dataset(svc.settings.data_root, params.dataset)
+    except DatasetError as exc:
+        raise ApiError(400, exc.code, exc.message) from None
+    if not _has_readable_image(root):
+        raise ApiError(400, "no_readable_images",
+                       f"no readable image found in dataset {params.dataset!r}")
+    job = svc.jobs.create(JobType.TRAIN, params.to_dict())
+    _enqueue(TRAIN_TASK, TRAIN_QUEUE, job, [job["job_id"], params.to_dict()])
+    return _accepted(job)
+
+
+@bp.post("/query")
+def create_query_job():
+    """Validate an uploaded image, spool it in Redis and enqueue a query; 202."""
+    svc = services()
+    upload = request.files.get("image")
+    if upload is None:
+        raise ApiError(400, "missing_image",
+                       "send the image as multipart/form-data in the field 'image'")
+    data = upload.read(svc.settings.max_upload_bytes + 1)
+    if len(data) > svc.settings.max_upload_bytes:
+        raise ApiError(413, "payload_too_large",
+                       f"image larger than the limit of {svc.settings.max_upload_bytes:,} bytes")
+    if not data:
+        raise ApiError(400, "empty_file", "the uploaded image is empty (0 bytes)")
+    try:
+        params = QueryParams.parse(request.form)
+    except ValidationError as exc:
+        raise ApiError(400, "invalid_parameter", exc.message, field=exc.field) from None
+    try:
+        # Full decode here (JPEGs at reduced scale) so damaged files get a synchronous 4xx.
+        decode_image(data, svc.settings.max_image_pixels, draft_size=256)
+    except ImageDecodeError as exc:
+        raise ApiError(exc.http_status, exc.code, exc.message) from None
+    if svc.registry.active_version() is None:
+        raise ApiError(409, "no_active_model",
+                       "no model is active yet: train one with POST /jobs/train")
+    job = svc.jobs.create(JobType.QUERY, {"k": params.k, "bytes": len(data)})
+    upload_key = svc.keys.upload(job["job_id"])
+    svc.redis.set(upload_key, data, ex=svc.settings.upload_ttl_s)
+    _enqueue(QUERY_TASK, QUERY_QUEUE, job, [job["job_id"], upload_key, params.k])
+    return _accepted(job)
+
+
+@bp.get("/<job_id>")
+def get_job(job_id: str):
+    """A job's status, progress, result or error; 404 for ids never issued (or expired)."""
+    job = services().jobs.get(job_id) if JOB_ID.match(job_id) else None
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+    return jsonify(job)

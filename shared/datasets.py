@@ -1,0 +1,144 @@
+"""Training folders: resolve them inside the data root and scan them without surprises."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DatasetError(ValueError):
+    """A training folder the service will not use; ``code`` names why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def resolve_dataset(data_root: Path, dataset: str) -> Path:
+    """Resolve a user-given folder, relative to the data root or absolute inside it.
+
+    Args:
+        data_root: the configured root every training folder must lie in (already resolved).
+        dataset: what the user sent.
+
+    Returns:
+        The resolved folder (symlinks resolved), inside ``data_root``.
+
+    Raises:
+        DatasetError: empty, outside the root (``..`` or a symlink escape), missing, not a folder.
+    """
+    if not isinstance(dataset, str) or not dataset.strip():
+        raise DatasetError("invalid_dataset", "'dataset' must be a non-empty folder path")
+    if "\x00" in dataset:
+        raise DatasetError("invalid_dataset", "'dataset' contains a NUL byte")
+    candidate = Path(dataset)
+    if not candidate.is_absolute():
+        candidate = data_root / candidate
+    resolved = candidate.resolve()
+    if resolved != data_root and data_root not in resolved.parents:
+        raise DatasetError(
+            "dataset_outside_data_root",
+            f"dataset must lie inside the data root {str(data_root)!r}",
+        )
+    if not resolved.exists():
+        raise DatasetError("dataset_not_found", f"dataset folder not found: {dataset!r}")
+    if not resolved.is_dir():
+        raise DatasetError("dataset_not_a_folder", f"dataset is not a folder: {dataset!r}")
+    return resolved
+
+
+def display_name(name: str) -> str:
+    """A printable, JSON-safe form of a file name whose bytes may not be valid UTF-8."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A regular file that may be an image: absolute path and path relative to the dataset."""
+
+    path: Path
+    relpath: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Something the scan did not take, and why."""
+
+    relpath: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.relpath, "reason": self.reason}
+
+
+def iter_dataset(root: Path) -> Iterator[Candidate | Skipped]:
+    """Walk a folder recursively, depth first, in sorted order.
+
+    Hidden files and folders, non-regular files, dangling links, links leading out of ``root``
+    and undecodable names are yielded as ``Skipped``; directory symlinks are never followed,
+    so loops end. Every regular file is a candidate: formats are decided by content later.
+
+    Args:
+        root: a resolved folder.
+
+    Yields:
+        ``Candidate`` or ``Skipped`` items.
+    """
+    stack: list[tuple[Path, str]] = [(root, "")]
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            yield Skipped(prefix.rstrip("/") or ".", f"unreadable folder: {exc.strerror}")
+            continue
+        subfolders: list[tuple[Path, str]] = []
+        had_content = False
+        for entry in entries:
+            shown = prefix + display_name(entry.name)
+            try:
+                entry.name.encode("utf-8")
+            except UnicodeEncodeError:
+                yield Skipped(shown, "undecodable file name")
+                continue
+            rel = prefix + entry.name
+            if entry.name.startswith("."):
+                yield Skipped(rel, "hidden")
+                continue
+            try:
+                if entry.is_symlink():
+                    had_content = True
+                    yield _classify_link(root, Path(entry.path), rel)
+                    continue
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError as exc:
+                yield Skipped(rel, f"unreadable: {exc.strerror}")
+                continue
+            if stat.S_ISDIR(mode):
+                subfolders.append((Path(entry.path), rel + "/"))
+            elif stat.S_ISREG(mode):
+                had_content = True
+                yield Candidate(Path(entry.path), rel)
+            else:
+                yield Skipped(rel, "not a regular file")
+        if not had_content and not subfolders and prefix:
+            yield Skipped(prefix.rstrip("/"), "empty folder")
+        stack.extend(reversed(subfolders))
+
+
+def _classify_link(root: Path, link: Path, rel: str) -> Candidate | Skipped:
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return Skipped(rel, "broken link")
+    if target.is_dir():
+        return Skipped(rel, "directory symlink not followed")
+    if root not in target.parents:
+        return Skipped(rel, "link points outside the dataset")
+    if not target.is_file():
+        return Skipped(rel, "not a regular file")
+    return Candidate(link, rel)

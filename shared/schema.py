@@ -1,0 +1,118 @@
+"""Request schemas for jobs: validated once in the API, re-read by the worker from the message."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+class ValidationError(ValueError):
+    """A request field is missing or out of range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _int_field(data: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    value = data.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(name, f"must be an integer between {lo} and {hi}")
+    if not lo <= value <= hi:
+        raise ValidationError(name, f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float_field(data: dict, name: str, default: float, lo: float, hi: float) -> float:
+    value = data.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(name, f"must be a number between {lo} and {hi}")
+    if not lo <= float(value) <= hi:
+        raise ValidationError(name, f"must be between {lo} and {hi}, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Training and index parameters of ``POST /jobs/train`` (all optional but ``dataset``)."""
+
+    dataset: str
+    architecture: str = "default"
+    epochs: int = 15
+    image_size: int = 64
+    batch_size: int = 64
+    embedding_dim: int = 256
+    learning_rate: float = 1e-3
+    val_fraction: float = 0.1
+    patience: int = 3
+    hash_bits: int | None = None
+    num_tables: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, data: Any) -> TrainParams:
+        """Validate a JSON body.
+
+        Args:
+            data: the decoded JSON object.
+
+        Returns:
+            TrainParams with defaults filled in.
+
+        Raises:
+            ValidationError: naming the first bad field.
+        """
+        if not isinstance(data, dict):
+            raise ValidationError("body", "must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValidationError(unknown[0], f"unknown field; accepted: {', '.join(sorted(known))}")
+        dataset = data.get("dataset")
+        if not isinstance(dataset, str) or not dataset.strip():
+            raise ValidationError("dataset", "required: a folder inside the data root")
+        architecture = data.get("architecture", "default")
+        if architecture not in ("default", "seed"):
+            raise ValidationError("architecture", "must be 'default' or 'seed'")
+        image_size = _int_field(data, "image_size", 64, 32, 512)
+        step = 8 if architecture == "seed" else 16
+        if image_size % step:
+            raise ValidationError("image_size", f"must be a multiple of {step} for {architecture}")
+        return cls(
+            dataset=dataset,
+            architecture=architecture,
+            epochs=_int_field(data, "epochs", 15, 1, 500),
+            image_size=image_size,
+            batch_size=_int_field(data, "batch_size", 64, 2, 1024),
+            embedding_dim=_int_field(data, "embedding_dim", 256, 8, 2048),
+            learning_rate=_float_field(data, "learning_rate", 1e-3, 1e-6, 1.0),
+            val_fraction=_float_field(data, "val_fraction", 0.1, 0.0, 0.5),
+            patience=_int_field(data, "patience", 3, 1, 100),
+            hash_bits=_int_field(data, "hash_bits", None, 2, 24),
+            num_tables=_int_field(data, "num_tables", None, 1, 64),
+            seed=_int_field(data, "seed", 0, 0, 2**31 - 1),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class QueryParams:
+    """Options of ``POST /jobs/query`` besides the image."""
+
+    k: int = 10
+
+    @classmethod
+    def parse(cls, form: dict[str, str]) -> QueryParams:
+        raw = form.get("k", "10")
+        try:
+            k = int(raw)
+        except (TypeError, ValueError):
+            raise ValidationError("k", "must be an integer between 1 and 100") from None
+        if not 1 <= k <= 100:
+            raise ValidationError("k", f"must be between 1 and 100, got {k}")
+        return cls(k=k)

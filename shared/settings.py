@@ -1,0 +1,78 @@
+"""One typed settings object, read from the environment once per process and passed down."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the service cannot use."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+    if value < minimum:
+        raise SettingsError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service configuration. Every field maps to one ``IMGSIM_*`` environment variable."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    data_root: Path = field(default_factory=lambda: Path.cwd())
+    artifacts_dir: Path = field(default_factory=lambda: Path.cwd() / "var" / "artifacts")
+    key_prefix: str = "imgsim"
+    job_ttl_s: int = 24 * 3600
+    upload_ttl_s: int = 3600
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    device: str = "auto"
+    torch_threads: int = 0
+    worker_concurrency: int = 2
+    train_time_limit_s: int = 3 * 3600
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from environment variables.
+
+        Args:
+            env: mapping to read instead of ``os.environ`` (tests pass their own).
+
+        Returns:
+            A frozen ``Settings``; paths are absolute and resolved.
+        """
+        env = os.environ if env is None else env
+        cwd = Path.cwd()
+        data_root = Path(env.get("IMGSIM_DATA_ROOT") or cwd).expanduser().resolve()
+        artifacts = Path(env.get("IMGSIM_ARTIFACTS_DIR") or cwd / "var" / "artifacts")
+        device = (env.get("IMGSIM_DEVICE") or "auto").strip().lower()
+        if device not in {"auto", "cpu", "cuda"} and not device.startswith("cuda:"):
+            raise SettingsError(f"IMGSIM_DEVICE must be auto, cpu or cuda[:N], got {device!r}")
+        prefix = (env.get("IMGSIM_KEY_PREFIX") or "imgsim").strip()
+        if not prefix or any(c in prefix for c in " {}:"):
+            raise SettingsError("IMGSIM_KEY_PREFIX must be non-empty without spaces, ':' or braces")
+        return cls(
+            redis_url=env.get("IMGSIM_REDIS_URL") or cls.redis_url,
+            data_root=data_root,
+            artifacts_dir=artifacts.expanduser().resolve(),
+            key_prefix=prefix,
+            job_ttl_s=_int(env, "IMGSIM_JOB_TTL_S", cls.job_ttl_s, 60),
+            upload_ttl_s=_int(env, "IMGSIM_UPLOAD_TTL_S", cls.upload_ttl_s, 60),
+            max_upload_bytes=_int(env, "IMGSIM_MAX_UPLOAD_BYTES", cls.max_upload_bytes, 1024),
+            max_image_pixels=_int(env, "IMGSIM_MAX_IMAGE_PIXELS", cls.max_image_pixels, 1),
+            device=device,
+            torch_threads=_int(env, "IMGSIM_TORCH_THREADS", 0, 0),
+            worker_concurrency=_int(env, "IMGSIM_WORKER_CONCURRENCY", 2, 1),
+            train_time_limit_s=_int(env, "IMGSIM_TRAIN_TIME_LIMIT_S", cls.train_time_limit_s, 60),
+        )

@@ -1,0 +1,53 @@
+"""Per-process worker state, built lazily in each child after fork (Redis, device, model cache)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import redis
+
+from shared.jobs import JobStore
+from shared.keys import Keys
+from shared.settings import Settings
+
+
+@dataclass
+class WorkerContext:
+    """What tasks need: settings, Redis, job records, torch device, the loaded active model."""
+
+    settings: Settings
+    redis: redis.Redis
+    keys: Keys
+    jobs: JobStore
+    threads: int
+
+    @functools.cached_property
+    def device(self):
+        from workers.device import resolve_device  # torch only in the child process
+
+        return resolve_device(self.settings.device)
+
+    @functools.cached_property
+    def models(self):
+        from workers.search import ActiveModelCache
+
+        return ActiveModelCache(self.settings, self.redis, self.device)
+
+
+_context: WorkerContext | None = None
+
+
+def init_context(settings: Settings, threads: int) -> WorkerContext:
+    """Create this process's context (called from worker_process_init, after fork)."""
+    global _context
+    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    keys = Keys(settings.key_prefix)
+    _context = WorkerContext(settings, client, keys, JobStore(client, keys, settings.job_ttl_s),
+                             threads)
+    return _context
+
+
+def get_context(settings: Settings) -> WorkerContext:
+    """This process's context, created on first use if the init signal did not run (solo pool)."""
+    return _context or init_context(settings, settings.torch_threads or 1)

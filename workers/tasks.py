@@ -1,0 +1,95 @@
+"""Thin Celery tasks: decode the message, call plain functions, record progress and result."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from shared.jobs import QUERY_TASK, TRAIN_TASK
+from shared.schema import TrainParams
+from workers.celery_app import app, settings
+from workers.context import WorkerContext, get_context
+from workers.errors import JobError
+
+log = logging.getLogger(__name__)
+
+
+class ThrottledProgress:
+    """Writes progress to the job record at most every ``interval`` seconds (phase changes now)."""
+
+    def __init__(self, ctx: WorkerContext, job_id: str, interval: float = 0.5) -> None:
+        self._ctx = ctx
+        self._job_id = job_id
+        self._interval = interval
+        self._last = 0.0
+        self._phase = None
+        self.state: dict = {}
+
+    def __call__(self, update: dict) -> None:
+        self.state.update(update)
+        now = time.monotonic()
+        if update.get("phase") != self._phase and "phase" in update:
+            self._phase = update["phase"]
+            self._last = 0.0
+        if now - self._last >= self._interval:
+            self._last = now
+            self._ctx.jobs.set_progress(self._job_id, self.state)
+
+
+def _run(ctx: WorkerContext, job_id: str, work) -> dict:
+    if not ctx.jobs.mark_running(job_id):
+        # Finished, canceled or expired already (e.g. a redelivered message): never run twice.
+        return {"job_id": job_id, "skipped": True}
+    try:
+        result, progress = work()
+    except JobError as exc:
+        ctx.jobs.fail(job_id, exc.code, exc.message)
+        return {"job_id": job_id, "status": "failed"}
+    except SoftTimeLimitExceeded:
+        ctx.jobs.fail(job_id, "time_limit", "the job ran past its time limit")
+        return {"job_id": job_id, "status": "failed"}
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        ctx.jobs.fail(job_id, "internal_error", f"{type(exc).__name__}: {exc}")
+        return {"job_id": job_id, "status": "failed"}
+    ctx.jobs.succeed(job_id, result, progress)
+    return {"job_id": job_id, "status": "succeeded"}
+
+
+@app.task(name=TRAIN_TASK, soft_time_limit=settings.train_time_limit_s,
+          time_limit=settings.train_time_limit_s + 120)
+def train(job_id: str, params: dict) -> dict:
+    """Train a model version on a folder and activate it (see ``workers.pipeline``)."""
+    ctx = get_context(settings)
+
+    def work():
+        from workers.pipeline import run_training
+
+        report = ThrottledProgress(ctx, job_id)
+        result = run_training(settings, ctx.redis, TrainParams.parse(params), ctx.device, report,
+                              threads=max(2, ctx.threads))
+        return result, {**report.state, "phase": "done"}
+
+    return _run(ctx, job_id, work)
+
+
+@app.task(name=QUERY_TASK, soft_time_limit=60, time_limit=90)
+def query(job_id: str, upload_key: str, k: int) -> dict:
+    """Find the k indexed images most similar to a spooled upload."""
+    ctx = get_context(settings)
+
+    def work():
+        from workers.search import run_query
+
+        data = ctx.redis.get(upload_key)
+        if data is None:
+            raise JobError("upload_expired", "the uploaded image expired before a worker ran it")
+        try:
+            result = run_query(ctx.models, settings, data, k, ctx.device)
+        finally:  # answered either way; a killed worker leaves it for the redelivery
+            ctx.redis.delete(upload_key)
+        return result, {"phase": "done"}
+
+    return _run(ctx, job_id, work)
