@@ -31,7 +31,8 @@ class Services:
         self.queue = Celery("imgsim-api", broker=settings.redis_url)
         self.queue.conf.update(
             task_serializer="json", accept_content=["json"],
-            task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, QUERY_TASK: {"queue": QUERY_QUEUE}},
+            task_routes={TRAIN_TASK: {"queue": self.keys.queue(TRAIN_QUEUE)},
+                         QUERY_TASK: {"queue": self.keys.queue(QUERY_QUEUE)}},
             broker_connection_retry=False, broker_connection_max_retries=0,
         )
 

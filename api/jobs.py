@@ -33,7 +33,8 @@ def _accepted(job: dict):
 def _enqueue(task: str, queue: str, job: dict, args: list) -> None:
     svc = services()
     try:
-        svc.queue.send_task(task, args=args, queue=queue, task_id=job["job_id"], retry=False)
+        svc.queue.send_task(task, args=args, queue=svc.keys.queue(queue), task_id=job["job_id"],
+                           retry=False)
     except Exception as exc:  # broker refused: do not leave a job that will never run
         svc.jobs.fail(job["job_id"], "enqueue_failed", f"could not enqueue the job: {exc}")
         raise ApiError(503, "queue_unavailable", "the job queue is unreachable") from None

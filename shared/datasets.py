@@ -29,7 +29,8 @@ def resolve_dataset(data_root: Path, dataset: str) -> Path:
         The resolved folder (symlinks resolved), inside ``data_root``.
 
     Raises:
-        DatasetError: empty, outside the root (``..`` or a symlink escape), missing, not a folder.
+        DatasetError: empty, outside the root (``..`` or a symlink escape), missing, not a folder,
+            or unresolvable (symlink loop, name too long).
     """
     if not isinstance(dataset, str) or not dataset.strip():
         raise DatasetError("invalid_dataset", "'dataset' must be a non-empty folder path")
@@ -38,15 +39,23 @@ def resolve_dataset(data_root: Path, dataset: str) -> Path:
     candidate = Path(dataset)
     if not candidate.is_absolute():
         candidate = data_root / candidate
-    resolved = candidate.resolve()
+    try:
+        resolved = candidate.resolve()
+    except (OSError, RuntimeError) as exc:  # symlink loop (RuntimeError on 3.11), name too long
+        reason = getattr(exc, "strerror", None) or "symlink loop"
+        raise DatasetError(
+            "invalid_dataset", f"dataset path cannot be resolved ({reason}): {dataset!r}"
+        ) from None
     if resolved != data_root and data_root not in resolved.parents:
         raise DatasetError(
             "dataset_outside_data_root",
             f"dataset must lie inside the data root {str(data_root)!r}",
         )
-    if not resolved.exists():
-        raise DatasetError("dataset_not_found", f"dataset folder not found: {dataset!r}")
-    if not resolved.is_dir():
+    try:
+        mode = resolved.stat().st_mode
+    except OSError:
+        raise DatasetError("dataset_not_found", f"dataset folder not found: {dataset!r}") from None
+    if not stat.S_ISDIR(mode):
         raise DatasetError("dataset_not_a_folder", f"dataset is not a folder: {dataset!r}")
     return resolved
 
@@ -97,21 +106,25 @@ def iter_dataset(root: Path) -> Iterator[Candidate | Skipped]:
             yield Skipped(prefix.rstrip("/") or ".", f"unreadable folder: {exc.strerror}")
             continue
         subfolders: list[tuple[Path, str]] = []
-        had_content = False
+        # A folder is reported as empty only when it shows nothing but hidden entries (an empty
+        # class folder, or one holding just .DS_Store); a folder whose visible entries were all
+        # skipped is not reported again, each entry already carries its own reason.
+        visible = False
         for entry in entries:
             shown = prefix + display_name(entry.name)
             try:
                 entry.name.encode("utf-8")
             except UnicodeEncodeError:
+                visible = True
                 yield Skipped(shown, "undecodable file name")
                 continue
             rel = prefix + entry.name
             if entry.name.startswith("."):
                 yield Skipped(rel, "hidden")
                 continue
+            visible = True
             try:
                 if entry.is_symlink():
-                    had_content = True
                     yield _classify_link(root, Path(entry.path), rel)
                     continue
                 mode = entry.stat(follow_symlinks=False).st_mode
@@ -121,11 +134,10 @@ def iter_dataset(root: Path) -> Iterator[Candidate | Skipped]:
             if stat.S_ISDIR(mode):
                 subfolders.append((Path(entry.path), rel + "/"))
             elif stat.S_ISREG(mode):
-                had_content = True
                 yield Candidate(Path(entry.path), rel)
             else:
                 yield Skipped(rel, "not a regular file")
-        if not had_content and not subfolders and prefix:
+        if not visible and prefix:
             yield Skipped(prefix.rstrip("/"), "empty folder")
         stack.extend(reversed(subfolders))
 

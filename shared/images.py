@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import struct
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
+from PIL import Image, ImageFile, UnidentifiedImageError, features
+
+log = logging.getLogger(__name__)
 
 # Formats accepted by content. MPO is what many cameras write for JPEG.
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "TIFF", "BMP"})
@@ -22,6 +28,53 @@ BACKGROUND_RGB = (255, 255, 255)
 assert Image.MAX_IMAGE_PIXELS is not None
 # Truncated files must fail, not be silently half-decoded.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# EXIF Orientation -> the transpose that shows the stored pixels upright, as in
+# ImageOps.exif_transpose.
+_ORIENTATION_FIX = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+# Leading bytes of the formats we accept: a file that starts like one of them but cannot be
+# opened is a damaged image, not "some other kind of file".
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+# warnings.catch_warnings swaps process-global state; decoding runs in threads (dataset decode,
+# gthread workers), so every use is serialised. Only header parsing runs under it, not decoding.
+_WARNINGS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pillow_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Collect Pillow's warnings about damaged headers instead of printing them.
+
+    ``DecompressionBombWarning`` is raised as an exception so the caller can refuse the image;
+    everything else (``Corrupt EXIF data``, ``Truncated File Read``, ...) is returned to the
+    caller and logged at debug level: the outcome is decided by whether Pillow could read the
+    image, never by a warning escaping to the caller's warning filters.
+    """
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            yield caught
+        finally:
+            for item in caught:
+                log.debug("pillow warning while reading an image: %s", item.message)
 
 
 def _register_optional_plugins() -> frozenset[str]:
@@ -67,20 +120,90 @@ class ImageInfo:
     frames: int
 
 
-def _sniff_container(head: bytes) -> str | None:
-    """Name the HEIF/AVIF family from an ISO-BMFF ``ftyp`` box, which plain Pillow cannot open."""
-    if len(head) >= 12 and head[4:8] == b"ftyp":
-        brand = head[8:12]
-        if brand in {b"avif", b"avis"}:
-            return "AVIF"
-        if brand in {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}:
-            return "HEIF"
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIC_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"})
+_HEIF_BRANDS = frozenset({b"mif1", b"msf1"})
+
+
+def _sniff_container(head: bytes) -> tuple[str, str] | None:
+    """Name the HEIF/AVIF family from an ISO-BMFF ``ftyp`` box, which plain Pillow cannot open.
+
+    Returns ``(family, name)``: the family decides whether a plugin can read it ("HEIF" or
+    "AVIF"), the name is what the client is told ("heic", "heif" or "avif"). The compatible
+    brands count as well as the major one: an AVIF file may carry the generic major brand mif1.
+    """
+    if len(head) < 12 or head[4:8] != b"ftyp":
+        return None
+    (box_size,) = struct.unpack(">I", head[:4])
+    end = min(len(head), max(box_size, 16))
+    brands = {head[8:12]} | {head[i : i + 4] for i in range(16, end - 3, 4)}
+    if brands & _AVIF_BRANDS:
+        return "AVIF", "avif"
+    if brands & _HEIC_BRANDS:
+        return "HEIF", "heic"
+    if brands & _HEIF_BRANDS:
+        return "HEIF", "heif"
     return None
 
 
-def _png_header_size(head: bytes) -> tuple[int, int] | None:
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24 and head[12:16] == b"IHDR":
-        return struct.unpack(">II", head[16:24])
+def _jpeg_header_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from the first SOFn marker of a JPEG, walking the segment list."""
+    pos = 2
+    limit = min(len(data), 1 << 20)
+    while pos + 4 <= limit:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in {0x01, *range(0xD0, 0xD8)}:  # markers without a length
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker in {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), 0xCD, 0xCE,
+                      0xCF} and pos + 9 <= len(data):
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return width, height
+        pos += 2 + length
+    return None
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """Declared width and height read straight from the header (PNG, GIF, BMP, JPEG).
+
+    Used only to name the size of an image Pillow refused to open as a decompression bomb.
+    """
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if data[:6] in {b"GIF87a", b"GIF89a"} and len(data) >= 10:
+            return struct.unpack("<HH", data[6:10])
+        if data[:2] == b"BM" and len(data) >= 26:
+            width, height = struct.unpack("<ii", data[18:26])
+            return abs(width), abs(height)
+        if data[:3] == b"\xff\xd8\xff":
+            return _jpeg_header_size(data)
+    except struct.error:
+        return None
+    return None
+
+
+def _riff_truncated(data: bytes) -> bool:
+    """True for a WebP (RIFF) file shorter than the size its header declares."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return False
+    (declared,) = struct.unpack("<I", data[4:8])
+    return len(data) < declared + 8
+
+
+def _damaged_signature(data: bytes) -> str | None:
+    """The accepted format whose signature ``data`` starts with, if any."""
+    for magic, name in _SIGNATURES:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
     return None
 
 
@@ -97,27 +220,44 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Open (header only) and check format and size; raises ImageDecodeError."""
     if not data:
         raise ImageDecodeError("empty_file", "empty file: the upload has no bytes")
-    container = _sniff_container(data[:32])
-    if container and container not in OPTIONAL_READABLE:
+    container = _sniff_container(data[:64])
+    if container and container[0] not in OPTIONAL_READABLE:
         raise ImageDecodeError(
             "unsupported_format",
-            f"unsupported format: {container.lower()} (install pillow-heif to accept it)",
+            f"unsupported format: {container[1]} (install pillow-heif to accept it)",
             415,
         )
     try:
-        with warnings.catch_warnings():
-            # A bomb warning means the header already exceeds Pillow's limit: reject, never decode.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # A bomb warning means the header already exceeds Pillow's limit: reject, never decode.
+        with _pillow_warnings():
             image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        size = _png_header_size(data[:32]) or (None, None)
+        size = _header_size(data) or (None, None)
         raise _too_large(size[0], size[1], max_pixels) from None
     except UnidentifiedImageError:
+        damaged = _damaged_signature(data)
+        if damaged:
+            raise ImageDecodeError(
+                "truncated_image",
+                f"image file is truncated or damaged: it starts like a {damaged} file "
+                "but its header cannot be read",
+            ) from None
         raise ImageDecodeError(
             "not_an_image", "cannot identify image: the bytes are not a known image format"
         ) from None
-    except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
-        raise ImageDecodeError("corrupt_image", f"corrupt image header: {exc}") from None
+    except MemoryError:
+        raise ImageDecodeError("image_too_large", "image header needs too much memory", 413) \
+            from None
+    except Exception as exc:  # Any plugin failure on hostile bytes is the input's fault.
+        # Only a file that starts with a real signature is called truncated; "BM" + text also
+        # makes Pillow's BMP reader run out of bytes, and that is no damaged image.
+        if _riff_truncated(data) or (_damaged_signature(data) and "truncat" in str(exc).lower()):
+            raise ImageDecodeError(
+                "truncated_image", f"image file is truncated or damaged: {exc}"
+            ) from None
+        raise ImageDecodeError(
+            "corrupt_image", f"corrupt image header: {exc or type(exc).__name__}"
+        ) from None
     fmt = (image.format or "").upper()
     if fmt not in ACCEPTED_FORMATS and fmt not in OPTIONAL_READABLE:
         raise ImageDecodeError(
@@ -150,8 +290,22 @@ def probe_image(data: bytes, max_pixels: int) -> ImageInfo:
         width=image.size[0],
         height=image.size[1],
         mode=image.mode,
-        frames=int(getattr(image, "n_frames", 1) or 1),
+        frames=_count_frames(image),
     )
+
+
+def _count_frames(image: Image.Image) -> int:
+    """Frame count, or 1 when later frames are damaged (only the first frame is ever used)."""
+    try:
+        with _pillow_warnings():
+            # Counting walks every frame (GIF): a file cut after frame 1 raises IndexError,
+            # struct.error, EOFError... here, yet its first frame decodes fine.
+            return max(1, int(getattr(image, "n_frames", 1) or 1))
+    except Exception:
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            image.seek(0)
 
 
 def _scale_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
@@ -166,8 +320,13 @@ def _scale_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
     lo, hi = float(values.min()), float(values.max())
     if mode.startswith("I;16") or array.dtype == np.uint16:
         scaled = values / 257.0
-    elif mode == "F" and lo >= 0.0 and hi <= 1.0:
-        scaled = values * 255.0
+    elif mode == "F":
+        # Float data: [0, 1] is the usual convention; anything else has no agreed range
+        # (HDR, depth, [-1, 1]), so stretch it rather than read a 0..2 ramp as black.
+        if lo >= 0.0 and hi <= 1.0:
+            scaled = values * 255.0
+        else:
+            scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
     elif lo >= 0.0 and hi <= 255.0:
         scaled = values
     elif lo >= 0.0 and hi <= 65535.0:
@@ -189,7 +348,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         A new RGB image of the same size.
     """
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in image.info:  # RGB + tRNS colour key: composite
         return image
     if mode in {"I", "F"} or mode.startswith("I;16"):
         gray = _scale_to_uint8(np.asarray(image), mode)
@@ -204,11 +363,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF Orientation (1..8), or 1 when absent, out of range or unreadable."""
     try:
-        return ImageOps.exif_transpose(image) or image
+        with _pillow_warnings():
+            value = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     except Exception:  # Broken EXIF must never fail a request; the pixels are still good.
-        return image
+        return 1
+    return value if isinstance(value, int) and value in _ORIENTATION_FIX else 1
+
+
+def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+    """Show the pixels upright, as ``ImageOps.exif_transpose`` would, without its EXIF rewrite.
+
+    Only the Orientation tag is read (under the warnings guard); the transpose itself cannot be
+    spoiled by other broken tags, which ``exif_transpose`` re-serialises and can fail on.
+    """
+    method = _ORIENTATION_FIX.get(_exif_orientation(image))
+    return image if method is None else image.transpose(method)
 
 
 def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> Image.Image:
@@ -223,7 +395,9 @@ def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) ->
         An RGB Pillow image, EXIF orientation applied.
 
     Raises:
-        ImageDecodeError: with a code naming the problem (empty_file, not_an_image, truncated, ...).
+        ImageDecodeError: and nothing else, with a code naming the problem: empty_file,
+            not_an_image, truncated_image, corrupt_image, unsupported_format (415),
+            unsupported_mode (415), image_too_large (413).
     """
     image = _open(data, max_pixels)
     try:
@@ -232,17 +406,29 @@ def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) ->
             image.draft("RGB", (draft_size, draft_size))
         image.seek(0)  # multi-frame files: the first frame, documented
         image.load()
-    except OSError as exc:
+    except MemoryError:
+        raise ImageDecodeError("image_too_large", "image needs too much memory to decode", 413) \
+            from None
+    except (OSError, EOFError) as exc:
         text = str(exc)
-        if "truncated" in text or "broken data stream" in text or "unrecognized data" in text:
+        if isinstance(exc, EOFError) or any(
+            hint in text for hint in ("truncated", "broken data stream", "unrecognized data")
+        ):
             raise ImageDecodeError(
-                "truncated_image", f"image file is truncated or damaged: {text}"
+                "truncated_image", f"image file is truncated or damaged: {text or 'early end'}"
             ) from None
         raise ImageDecodeError("corrupt_image", f"cannot decode image: {text}") from None
-    except (SyntaxError, ValueError, EOFError, struct.error, IndexError, MemoryError) as exc:
-        raise ImageDecodeError("corrupt_image", f"cannot decode image: {exc}") from None
+    except Exception as exc:  # SyntaxError, ValueError, struct.error, ... from a damaged file
+        raise ImageDecodeError(
+            "corrupt_image", f"cannot decode image: {exc or type(exc).__name__}"
+        ) from None
     image = _apply_exif_orientation(image)
-    return to_rgb(image)
+    try:
+        return to_rgb(image)
+    except (ValueError, OSError) as exc:  # a mode Pillow cannot convert (e.g. 'La')
+        raise ImageDecodeError(
+            "unsupported_mode", f"unsupported image mode {image.mode}: {exc}", 415
+        ) from None
 
 
 def fit_square(image: Image.Image, size: int) -> Image.Image:

@@ -36,6 +36,10 @@ class Keys:
     def image_paths(self, version: str) -> str:
         return f"{self.version_namespace(version)}:images"
 
+    def queue(self, name: str) -> str:
+        """Celery queue name (``train`` or ``query``) under this prefix."""
+        return f"{self.prefix}.{name}"
+
     def worker_heartbeat(self, hostname: str) -> str:
         return f"{self.prefix}:worker:{hostname}"
 

@@ -70,7 +70,8 @@ class TrainParams:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValidationError(unknown[0], f"unknown field; accepted: {', '.join(sorted(known))}")
+            accepted = ", ".join(sorted(known))
+            raise ValidationError(unknown[0], f"unknown field; accepted: {accepted}")
         dataset = data.get("dataset")
         if not isinstance(dataset, str) or not dataset.strip():
             raise ValidationError("dataset", "required: a folder inside the data root")

@@ -1,1 +1,1 @@
-"""Celery workers: training, embedding, LSH indexing and query jobs (the only code that imports torch)."""
+"""Celery workers: training, embedding, LSH indexing and queries (the only code using torch)."""

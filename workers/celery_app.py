@@ -16,6 +16,8 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 settings = Settings.from_env()
+keys = Keys(settings.key_prefix)
+train_queue, query_queue = keys.queue(TRAIN_QUEUE), keys.queue(QUERY_QUEUE)
 
 app = Celery("imgsim", broker=settings.redis_url, include=["workers.tasks"])
 app.conf.update(
@@ -27,9 +29,10 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,  # a long training never holds queued queries hostage
     worker_concurrency=settings.worker_concurrency,
-    task_queues=[Queue(TRAIN_QUEUE), Queue(QUERY_QUEUE)],
-    task_routes={TRAIN_TASK: {"queue": TRAIN_QUEUE}, QUERY_TASK: {"queue": QUERY_QUEUE}},
-    task_default_queue=QUERY_QUEUE,
+    # A plain `celery worker` serves both queues; `-Q <prefix>.train` or `.query` splits them.
+    task_queues=[Queue(train_queue), Queue(query_queue)],
+    task_routes={TRAIN_TASK: {"queue": train_queue}, QUERY_TASK: {"queue": query_queue}},
+    task_default_queue=query_queue,
     broker_connection_retry_on_startup=True,
     # Redelivery of unacked tasks must not start before the longest training could end.
     broker_transport_options={"visibility_timeout": settings.train_time_limit_s + 600},
@@ -49,7 +52,7 @@ def _init_child(**_kwargs) -> None:
 
 def _heartbeat(hostname: str, stop: threading.Event) -> None:
     client = redis.Redis.from_url(settings.redis_url)
-    key = Keys(settings.key_prefix).worker_heartbeat(hostname)
+    key = keys.worker_heartbeat(hostname)
     while not stop.is_set():
         try:
             client.set(key, "1", ex=30)

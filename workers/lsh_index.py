@@ -210,7 +210,8 @@ class LshIndex(LSHash):
                 bounds = np.flatnonzero(np.diff(sorted_codes)) + 1
                 for group in np.split(np.arange(len(order)), bounds):
                     code = int(sorted_codes[group[0]])
-                    pipe.sadd(f"{self.namespace}:t{table}:{code:x}", *part_rows[order[group]].tolist())
+                    members = part_rows[order[group]].tolist()
+                    pipe.sadd(f"{self.namespace}:t{table}:{code:x}", *members)
             pipe.execute()
 
     def delete_all(self, batch: int = 1000) -> int:
@@ -294,7 +295,8 @@ class LshIndex(LSHash):
         if exact or k == 0:
             rows, dist = self.rank(query, np.arange(total), k)
             return SearchResult(rows, dist, "exact", total)
-        steps = [probes] if probes is not None else [0, 1, max(2, self.hash_size // 2), self.hash_size]
+        steps = ([probes] if probes is not None
+                 else [0, 1, max(2, self.hash_size // 2), self.hash_size])
         rows = np.zeros(0, dtype=np.int64)
         for step in steps:
             rows = self.candidate_rows(query, step)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -90,6 +92,7 @@ def query(job_id: str, upload_key: str, k: int) -> dict:
             result = run_query(ctx.models, settings, data, k, ctx.device)
         finally:  # answered either way; a killed worker leaves it for the redelivery
             ctx.redis.delete(upload_key)
+        result["served_by"] = {"host": socket.gethostname(), "pid": os.getpid()}
         return result, {"phase": "done"}
 
     return _run(ctx, job_id, work)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with worker and dev extras (idempotent, fast when done).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "[setup] installing torch (large; served from this machine's disk where available)"
+  .venv/bin/pip install -q --disable-pip-version-check "torch==2.14.1" 2>&1 | grep -v "is ignored" || true
+  .venv/bin/python -c "import torch" || .venv/bin/pip install -q --disable-pip-version-check "torch>=2.3,<2.15"
+fi
+stamp=.venv/.imgsim-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "[setup] installing imgsim and its dependencies"
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[worker,dev]" 2>&1 | grep -vE "is ignored|^\s*$" || true
+  .venv/bin/python -c "import flask, celery, redis, lshashpy3.lshash" 2>/dev/null \
+    || .venv/bin/python -c "import workers.lsh_index"
+  touch "$stamp"
+fi

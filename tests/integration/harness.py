@@ -1,0 +1,107 @@
+"""Real processes for end-to-end tests: Celery workers and gunicorn against a real Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import suppress
+from pathlib import Path
+
+import redis
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Processes:
+    """Starts and stops the service's processes with one environment."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        # The child keeps its own copy of the descriptor; the parent closes its handle at once.
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_worker(self, name: str, concurrency: int = 1) -> subprocess.Popen:
+        return self._spawn(name, [
+            str(BIN / "celery"), "-A", "workers.celery_app", "worker", "--loglevel=INFO",
+            "-n", f"{name}@%h", f"--concurrency={concurrency}", "--without-gossip",
+            "--without-mingle",
+        ])
+
+    def start_api(self, port: int) -> subprocess.Popen:
+        return self._spawn("api", [
+            str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
+            "--timeout", "60", "api.wsgi:app",
+        ])
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+def wait_for_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with suppress(requests.RequestException):
+            if requests.get(url, timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def wait_for_workers(client: redis.Redis, prefix: str, count: int, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(1 for _ in client.scan_iter(match=f"{prefix}:worker:*")) >= count:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{count} worker(s) did not report within {timeout}s")
+
+
+def wait_for_job(base: str, job_id: str, timeout: float = 180.0, seen: list | None = None) -> dict:
+    """Poll a job until it ends; append every status observed to ``seen``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = requests.get(f"{base}/jobs/{job_id}", timeout=5).json()
+        if seen is not None and (not seen or seen[-1] != job["status"]):
+            seen.append(job["status"])
+        if job["status"] in {"succeeded", "failed", "canceled"}:
+            return job
+        time.sleep(0.03)
+    raise TimeoutError(f"job {job_id} did not finish within {timeout}s")

@@ -1,0 +1,292 @@
+"""End to end on real parts: gunicorn API, two Celery worker processes, real Redis, real photos."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+import requests
+from PIL import Image, ImageOps
+
+from tests.conftest import DATASETS, delete_prefix
+from tests.integration.harness import (
+    Processes,
+    free_port,
+    wait_for_http,
+    wait_for_job,
+    wait_for_workers,
+)
+
+pytestmark = pytest.mark.integration
+PER_CLASS = 12
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, redis_url):
+    animals = DATASETS / "animals"
+    if not animals.is_dir():
+        pytest.fail(f"end-to-end tests need the animal photos at {animals}")
+    root = tmp_path_factory.mktemp("data")
+    subset = root / "animals_subset"
+    for label in ("cat", "dog", "panda"):
+        (subset / label).mkdir(parents=True)
+        for path in sorted((animals / label).iterdir())[:PER_CLASS]:
+            shutil.copy(path, subset / label / path.name)
+    (root / "empty_folder").mkdir()
+    (root / "text_only").mkdir()
+    (root / "text_only" / "notes.txt").write_text("not an image")
+    prefix = f"imgsimtest{uuid.uuid4().hex[:8]}"
+    logs = tmp_path_factory.mktemp("logs")
+    env = {
+        "IMGSIM_REDIS_URL": redis_url,
+        "IMGSIM_KEY_PREFIX": prefix,
+        "IMGSIM_DATA_ROOT": str(root),
+        "IMGSIM_ARTIFACTS_DIR": str(tmp_path_factory.mktemp("artifacts")),
+        "IMGSIM_TORCH_THREADS": "1",
+        "IMGSIM_WORKER_CONCURRENCY": "1",
+    }
+    procs = Processes(env, logs)
+    client = redis.Redis.from_url(redis_url)
+    port = free_port()
+    try:
+        procs.start_worker("w1")
+        procs.start_worker("w2")
+        procs.start_api(port)
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/healthz")
+        wait_for_workers(client, prefix, 2)
+        yield {"base": base, "root": root, "subset": subset, "prefix": prefix,
+               "redis": client, "procs": procs}
+    except BaseException:
+        print(procs.log("w1"), procs.log("w2"), procs.log("api"))
+        raise
+    finally:
+        procs.stop_all()
+        delete_prefix(client, prefix)
+        for queue in ("train", "query"):
+            client.delete(f"{prefix}.{queue}", f"_kombu.binding.{prefix}.{queue}")
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _query(base: str, data: bytes, k: int = 10, name: str = "q.jpg") -> dict:
+    response = requests.post(f"{base}/jobs/query", files={"image": (name, data)},
+                             data={"k": str(k)}, timeout=10)
+    assert response.status_code == 202, response.text
+    job = wait_for_job(base, response.json()["job_id"], timeout=60)
+    assert job["status"] == "succeeded", job
+    return job["result"]
+
+
+def _train(base: str, dataset: str, **params) -> tuple[dict, list]:
+    response = requests.post(f"{base}/jobs/train", json={"dataset": dataset, **params}, timeout=10)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert response.headers["Location"] == body["status_url"] == f"/jobs/{body['job_id']}"
+    seen = [body["status"]]
+    job = wait_for_job(base, body["job_id"], timeout=240, seen=seen)
+    return job, seen
+
+
+@pytest.fixture(scope="module")
+def trained(service):
+    job, seen = _train(service["base"], "animals_subset", epochs=2)
+    assert job["status"] == "succeeded", job
+    return {"job": job, "seen": seen}
+
+
+def test_health_and_nothing_to_query_before_training(service):
+    base = service["base"]
+    assert requests.get(f"{base}/healthz", timeout=5).json() == {"status": "ok"}
+    ready = requests.get(f"{base}/readyz", timeout=5)
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["workers"] >= 2
+    assert ready.json()["checks"]["active_model"] is None
+    data = (service["subset"] / "cat").iterdir().__next__().read_bytes()
+    response = requests.post(f"{base}/jobs/query", files={"image": ("a.jpg", data)}, timeout=10)
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "no_active_model"
+
+
+@pytest.mark.parametrize(
+    ("dataset", "code"),
+    [
+        ("/etc", "dataset_outside_data_root"),
+        ("../../etc", "dataset_outside_data_root"),
+        ("does_not_exist", "dataset_not_found"),
+        ("empty_folder", "no_readable_images"),
+        ("text_only", "no_readable_images"),
+        ("text_only/notes.txt", "dataset_not_a_folder"),
+        ("", "invalid_parameter"),
+    ],
+)
+def test_train_rejects_bad_folders_without_enqueueing(service, dataset, code):
+    client, prefix = service["redis"], service["prefix"]
+    jobs_before = client.zcard(f"{prefix}:jobs")
+    response = requests.post(f"{service['base']}/jobs/train", json={"dataset": dataset}, timeout=10)
+    assert response.status_code == 400
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.json()["error"]["code"] == code
+    assert client.zcard(f"{prefix}:jobs") == jobs_before
+    assert client.llen(f"{prefix}.train") == 0
+
+
+@pytest.mark.parametrize("body", [None, [], {"dataset": "animals_subset", "epochs": 0},
+                                  {"dataset": "animals_subset", "image_size": 50},
+                                  {"dataset": "animals_subset", "bogus": 1}])
+def test_train_rejects_bad_parameters(service, body):
+    response = requests.post(f"{service['base']}/jobs/train", json=body, timeout=10)
+    assert response.status_code == 400
+    assert "error" in response.json()
+
+
+def test_training_runs_through_every_status_and_reports(trained):
+    job, seen = trained["job"], trained["seen"]
+    assert seen[0] == "queued" and seen[-1] == "succeeded"
+    assert "running" in seen or len(seen) == 2  # a fast job may finish between two polls
+    result = job["result"]
+    assert result["images_indexed"] == 3 * PER_CLASS
+    assert len(result["history"]) == 2
+    assert all(e["train_loss"] > 0 and e["val_loss"] > 0 for e in result["history"])
+    assert set(result["timings"]) >= {"scan_decode_s", "train_s", "embed_s", "index_s"}
+    assert job["started_at"] and job["finished_at"] and job["created_at"]
+    assert job["progress"]["phase"] == "done"
+    assert job["error"] is None
+
+
+def test_query_an_indexed_image_finds_itself_first(service, trained):
+    path = sorted((service["subset"] / "dog").iterdir())[3]
+    result = _query(service["base"], path.read_bytes())
+    hits = result["hits"]
+    assert len(hits) == 10
+    assert hits[0]["path"] == f"dog/{path.name}"
+    assert hits[0]["distance"] < 1e-2
+    assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
+    assert len({h["image_id"] for h in hits}) == 10
+    assert result["model_version"] == trained["job"]["result"]["version"]
+    assert result["search"]["method"] in {"lsh", "exact_fallback"}
+
+
+@pytest.mark.parametrize("transform", ["mirror", "half_size", "double_size"])
+def test_query_transformed_copy_finds_original_in_top3(service, trained, transform):
+    path = sorted((service["subset"] / "panda").iterdir())[5]
+    image = Image.open(path).convert("RGB")
+    if transform == "mirror":
+        image = ImageOps.mirror(image)
+    elif transform == "half_size":
+        image = image.resize((image.width // 2, image.height // 2), Image.Resampling.LANCZOS)
+    else:
+        image = image.resize((image.width * 2, image.height * 2), Image.Resampling.BICUBIC)
+    hits = _query(service["base"], _png_bytes(image), k=5)["hits"]
+    assert f"panda/{path.name}" in [h["path"] for h in hits[:3]]
+
+
+def test_indexed_image_is_served(service, trained):
+    path = sorted((service["subset"] / "cat").iterdir())[0]
+    hit = _query(service["base"], path.read_bytes(), k=1)["hits"][0]
+    response = requests.get(f"{service['base']}/images/{hit['image_id']}", timeout=5)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "image/jpeg"
+    assert response.content == path.read_bytes()
+    missing = requests.get(f"{service['base']}/images/{'0' * 24}", timeout=5)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "image_not_found"
+
+
+@pytest.mark.parametrize("job_id", [uuid.uuid4().hex, "not-a-job", "0" * 32])
+def test_unknown_job_is_404_json(service, job_id):
+    response = requests.get(f"{service['base']}/jobs/{job_id}", timeout=5)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "job_not_found"
+
+
+@pytest.mark.parametrize(
+    ("files", "form", "status", "code"),
+    [
+        ({"image": ("x.jpg", b"<html>not an image</html>")}, {}, 400, "not_an_image"),
+        ({"image": ("x.jpg", b"")}, {}, 400, "empty_file"),
+        ({"other": ("x.jpg", b"abc")}, {}, 400, "missing_image"),
+        (None, {}, 400, "missing_image"),
+        ({"image": ("x.jpg", "GOOD")}, {"k": "0"}, 400, "invalid_parameter"),
+        ({"image": ("x.jpg", "GOOD")}, {"k": "abc"}, 400, "invalid_parameter"),
+    ],
+)
+def test_bad_query_uploads_get_json_4xx(service, trained, files, form, status, code):
+    good = sorted((service["subset"] / "cat").iterdir())[1].read_bytes()
+    if files:
+        files = {k: (v[0], good if v[1] == "GOOD" else v[1]) for k, v in files.items()}
+    response = requests.post(f"{service['base']}/jobs/query", files=files, data=form, timeout=10)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+
+
+def test_ready_after_training(service, trained):
+    ready = requests.get(f"{service['base']}/readyz", timeout=5)
+    assert ready.status_code == 200
+    assert ready.json()["checks"]["active_model"] == trained["job"]["result"]["version"]
+
+
+def test_two_worker_processes_return_the_same_hits(service, trained):
+    data = sorted((service["subset"] / "cat").iterdir())[7].read_bytes()
+    base = service["base"]
+    job_ids = []
+    for _ in range(10):
+        response = requests.post(f"{base}/jobs/query", files={"image": ("q.jpg", data)}, timeout=10)
+        job_ids.append(response.json()["job_id"])
+    results = [wait_for_job(base, job_id, timeout=60)["result"] for job_id in job_ids]
+    servers = {(r["served_by"]["host"], r["served_by"]["pid"]) for r in results}
+    assert len(servers) >= 2, "both worker processes should have served queries"
+    first = [(h["image_id"], h["distance"]) for h in results[0]["hits"]]
+    for result in results[1:]:
+        assert [h["image_id"] for h in result["hits"]] == [i for i, _ in first]
+        for hit, (_, distance) in zip(result["hits"], first, strict=True):
+            assert hit["distance"] == pytest.approx(distance, abs=1e-4)
+
+
+def test_second_training_swaps_version_while_queries_keep_succeeding(service, trained):
+    base = service["base"]
+    old_version = trained["job"]["result"]["version"]
+    data = sorted((service["subset"] / "dog").iterdir())[0].read_bytes()
+    outcomes: list[tuple[str, str | None]] = []
+    stop = threading.Event()
+
+    def query_loop():
+        while not stop.is_set():
+            response = requests.post(f"{base}/jobs/query", files={"image": ("q.jpg", data)},
+                                     timeout=10)
+            if response.status_code != 202:
+                outcomes.append((f"http {response.status_code}", None))
+                continue
+            job = wait_for_job(base, response.json()["job_id"], timeout=120)
+            version = (job.get("result") or {}).get("model_version")
+            outcomes.append((job["status"], version))
+
+    thread = threading.Thread(target=query_loop)
+    thread.start()
+    try:
+        job, _ = _train(base, "animals_subset", epochs=1, seed=7)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                v == job["result"]["version"] for _, v in outcomes):
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join(timeout=150)
+    assert job["status"] == "succeeded", job
+    new_version = job["result"]["version"]
+    assert new_version != old_version
+    assert job["result"]["previous_version"] == old_version
+    assert outcomes, "the query loop ran no query"
+    assert all(status == "succeeded" for status, _ in outcomes), outcomes
+    versions = [v for _, v in outcomes]
+    assert old_version in versions and new_version in versions
+    # Once the new version answered, the old one never answers again.
+    assert old_version not in versions[versions.index(new_version):]
