@@ -20,6 +20,8 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 # How much of a folder the API reads to confirm it holds an image before enqueueing.
 PROBE_FILES = 200
 PROBE_SECONDS = 3.0
+# Longest long-poll of GET /jobs/<id>?wait=N.
+MAX_WAIT_S = 30
 
 
 def _accepted(job: dict):
@@ -116,8 +118,26 @@ def create_query_job():
 
 @bp.get("/<job_id>")
 def get_job(job_id: str):
-    """A job's status, progress, result or error; 404 for ids never issued (or expired)."""
-    job = services().jobs.get(job_id) if JOB_ID.match(job_id) else None
+    """A job's status, progress, result or error; 404 for ids never issued (or expired).
+
+    ``?wait=N`` (0..30 seconds) holds the answer until the job ends or N seconds pass.
+    """
+    raw_wait = request.args.get("wait", "0")
+    try:
+        wait = float(raw_wait)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= MAX_WAIT_S:  # also refuses nan
+        raise ApiError(400, "invalid_parameter",
+                       f"wait must be a number of seconds between 0 and {MAX_WAIT_S}",
+                       field="wait")
+    jobs = services().jobs
+    if not JOB_ID.match(job_id):
+        job = None
+    elif wait > 0:
+        job = jobs.wait_until_final(job_id, wait)
+    else:
+        job = jobs.get(job_id)
     if job is None:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
     return jsonify(job)

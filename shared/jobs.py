@@ -168,4 +168,34 @@ class JobStore:
             fields["error"] = json.dumps(error)
         if progress is not None:
             fields["progress"] = json.dumps(progress)
-        return self._transition(job_id, status, {JobStatus.QUEUED, JobStatus.RUNNING}, fields)
+        changed = self._transition(job_id, status, {JobStatus.QUEUED, JobStatus.RUNNING}, fields)
+        if changed:  # wake long-polling readers (GET /jobs/<id>?wait=N)
+            self._redis.publish(self._keys.job_events(job_id), str(status))
+        return changed
+
+    def wait_until_final(self, job_id: str, timeout_s: float) -> dict[str, Any] | None:
+        """Read a job, waiting up to ``timeout_s`` seconds for it to end.
+
+        Subscribes before reading so an ending between the read and the wait is never missed.
+
+        Args:
+            job_id: the job.
+            timeout_s: longest wait.
+
+        Returns:
+            The record (final, or as it stands when the time is up), or None if unknown.
+        """
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self._keys.job_events(job_id))
+            deadline = time.monotonic() + timeout_s
+            while True:
+                job = self.get(job_id)
+                if job is None or job["status"] in FINAL_STATUSES:
+                    return job
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return job
+                pubsub.get_message(timeout=min(remaining, 1.0))
+        finally:
+            pubsub.close()

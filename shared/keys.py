@@ -14,6 +14,10 @@ class Keys:
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
+    def job_events(self, job_id: str) -> str:
+        """Pub/sub channel announcing that a job ended (long-polling clients wait on it)."""
+        return f"{self.prefix}:job-ended:{job_id}"
+
     def jobs_index(self) -> str:
         return f"{self.prefix}:jobs"
 

@@ -39,6 +39,7 @@ class Settings:
     max_image_pixels: int = 40_000_000
     device: str = "auto"
     torch_threads: int = 0
+    train_threads: int = 0
     worker_concurrency: int = 2
     train_time_limit_s: int = 3 * 3600
 
@@ -73,6 +74,7 @@ class Settings:
             max_image_pixels=_int(env, "IMGSIM_MAX_IMAGE_PIXELS", cls.max_image_pixels, 1),
             device=device,
             torch_threads=_int(env, "IMGSIM_TORCH_THREADS", 0, 0),
+            train_threads=_int(env, "IMGSIM_TRAIN_THREADS", 0, 0),
             worker_concurrency=_int(env, "IMGSIM_WORKER_CONCURRENCY", 2, 1),
             train_time_limit_s=_int(env, "IMGSIM_TRAIN_TIME_LIMIT_S", cls.train_time_limit_s, 60),
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -23,6 +25,17 @@ def resolve_device(setting: str) -> torch.device:
             raise RuntimeError(f"IMGSIM_DEVICE={setting} but no CUDA device is available")
         return torch.device(setting)
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run a block with ``count`` intra-op threads, then restore the process's setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def configure_threads(torch_threads: int, concurrency: int) -> int:

@@ -67,11 +67,14 @@ def train(job_id: str, params: dict) -> dict:
     ctx = get_context(settings)
 
     def work():
+        from workers.device import torch_threads  # torch only in the child process
         from workers.pipeline import run_training
 
         report = ThrottledProgress(ctx, job_id)
-        result = run_training(settings, ctx.redis, TrainParams.parse(params), ctx.device, report,
-                              threads=max(2, ctx.threads))
+        # Training gets every core (or IMGSIM_TRAIN_THREADS); queries keep their fair share.
+        with torch_threads(settings.train_threads or os.cpu_count() or 1):
+            result = run_training(settings, ctx.redis, TrainParams.parse(params), ctx.device,
+                                  report, threads=max(2, ctx.threads))
         return result, {**report.state, "phase": "done"}
 
     return _run(ctx, job_id, work)

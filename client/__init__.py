@@ -1,0 +1,91 @@
+"""HTTP client of the imgsim API, used by the ``imgsim`` command and the demo (no torch)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+
+FINAL = frozenset({"succeeded", "failed", "canceled"})
+
+
+class ApiError(RuntimeError):
+    """The API answered with an error body ``{"error": {"code", "message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class ImgsimClient:
+    """Thin wrapper over the HTTP API.
+
+    Args:
+        url: base URL of the API, e.g. ``http://127.0.0.1:8000``.
+        api_key: bearer token when the server requires one.
+        timeout: seconds per HTTP request.
+    """
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, **kwargs) -> Any:
+        response = self.session.request(method, self.url + path, timeout=kwargs.pop(
+            "timeout", self.timeout), **kwargs)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code >= 400:
+            error = (body or {}).get("error", {}) if isinstance(body, dict) else {}
+            raise ApiError(response.status_code, error.get("code", "http_error"),
+                           error.get("message", response.text[:200]))
+        return body
+
+    def train(self, dataset: str, **params) -> dict:
+        """Start a training job; returns ``{"job_id", "status_url", ...}``."""
+        return self._call("POST", "/jobs/train", json={"dataset": dataset, **params})
+
+    def query(self, image: Path | bytes, k: int = 10, filename: str = "query") -> dict:
+        """Start a query job with an image file or its bytes."""
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        name = filename if isinstance(image, bytes) else Path(image).name
+        return self._call("POST", "/jobs/query", files={"image": (name, data)},
+                          data={"k": str(k)})
+
+    def job(self, job_id: str, wait: float = 0) -> dict:
+        """Read a job record; ``wait`` long-polls up to that many seconds for it to end."""
+        params = {"wait": f"{wait:g}"} if wait else None
+        return self._call("GET", f"/jobs/{job_id}", params=params, timeout=self.timeout + wait)
+
+    def wait(self, job_id: str, on_update: Callable[[dict], None] | None = None,
+             timeout: float = 3600.0, poll: float = 1.0) -> dict:
+        """Long-poll a job until it ends, calling ``on_update`` with each record seen.
+
+        Args:
+            job_id: the job.
+            on_update: receives every record read (progress display).
+            timeout: give up after this many seconds (TimeoutError).
+            poll: long-poll window per request in seconds.
+
+        Returns:
+            The final job record.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id, wait=poll)
+            if on_update:
+                on_update(job)
+            if job["status"] in FINAL:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f}s")
