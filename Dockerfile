@@ -24,6 +24,7 @@ COPY pyproject.toml README.md ./
 COPY api/ api/
 COPY workers/ workers/
 COPY shared/ shared/
+COPY client/ client/
 
 RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[worker]"
 

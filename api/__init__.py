@@ -52,10 +52,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["imgsim"] = Services(settings)
 
-    from api import errors, health, images, jobs
+    from api import errors, health, images, jobs, models, web
 
     errors.register(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(images.bp)
+    app.register_blueprint(models.bp)
+    app.register_blueprint(web.bp)
     return app

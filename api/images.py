@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from flask import Blueprint, send_file
+from flask import Blueprint, request, send_file
 
 from api.errors import ApiError
 from api.services import services
+from api.thumbnails import parse_size, thumbnail_response
 from shared.images import ImageDecodeError, probe_image
 
 bp = Blueprint("images", __name__, url_prefix="/images")
@@ -21,8 +22,12 @@ MIMETYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEB
 
 @bp.get("/<image_id>")
 def get_image(image_id: str):
-    """The original file of an indexed image, with its content type."""
+    """The original file of an indexed image, with its content type.
+
+    ``?size=N`` answers a JPEG no larger than N x N instead (16..1024, never enlarged).
+    """
     svc = services()
+    size = parse_size(request.args["size"]) if "size" in request.args else None
     location = svc.registry.image_location(image_id) if IMAGE_ID.match(image_id) else None
     if location is None:
         raise ApiError(404, "image_not_found", f"no indexed image with id {image_id!r}")
@@ -31,6 +36,9 @@ def get_image(image_id: str):
     data_root = svc.settings.data_root
     if data_root not in path.parents or not path.is_file():
         raise ApiError(404, "image_missing", "the indexed image is no longer on disk")
+    if size is not None:
+        return thumbnail_response(path, size, svc.settings.max_upload_bytes,
+                                  svc.settings.max_image_pixels)
     with open(path, "rb") as handle:
         head = handle.read()
     try:

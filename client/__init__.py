@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -65,7 +66,8 @@ class ImgsimClient:
     def job(self, job_id: str, wait: float = 0) -> dict:
         """Read a job record; ``wait`` long-polls up to that many seconds for it to end."""
         params = {"wait": f"{wait:g}"} if wait else None
-        return self._call("GET", f"/jobs/{job_id}", params=params, timeout=self.timeout + wait)
+        return self._call("GET", f"/jobs/{quote(job_id, safe='')}", params=params,
+                          timeout=self.timeout + wait)
 
     def wait(self, job_id: str, on_update: Callable[[dict], None] | None = None,
              timeout: float = 3600.0, poll: float = 1.0) -> dict:
@@ -89,3 +91,52 @@ class ImgsimClient:
                 return job
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f}s")
+
+    def query_by_id(self, image_id: str, k: int = 10) -> dict:
+        """Start a query job with an already indexed image (``POST /jobs/query`` JSON form)."""
+        return self._call("POST", "/jobs/query", json={"image_id": image_id, "k": k})
+
+    def index(self, dataset: str) -> dict:
+        """Start an index job adding a folder's images to the active version."""
+        return self._call("POST", "/jobs/index", json={"dataset": dataset})
+
+    def evaluate(self, dataset: str, labels: str | None = None, k: int = 10) -> dict:
+        """Start an evaluation job (precision/mAP at k against baselines)."""
+        body: dict[str, Any] = {"dataset": dataset, "k": k}
+        if labels:
+            body["labels"] = labels
+        return self._call("POST", "/jobs/evaluate", json=body)
+
+    def jobs(self, job_type: str | None = None, status: str | None = None,
+             limit: int | None = None, cursor: str | None = None) -> dict:
+        """List jobs, newest first: ``{"jobs": [...], "next_cursor"}``."""
+        params = {name: value for name, value in (
+            ("type", job_type), ("status", status), ("limit", limit), ("cursor", cursor))
+            if value is not None}
+        return self._call("GET", "/jobs", params=params)
+
+    def cancel(self, job_id: str) -> dict:
+        """Ask for a job to stop; returns its record."""
+        return self._call("POST", f"/jobs/{quote(job_id, safe='')}/cancel")
+
+    def models(self) -> dict:
+        """Every model version: ``{"active", "models": [...]}``."""
+        return self._call("GET", "/models")
+
+    def activate(self, version: str) -> dict:
+        """Make a model version the active one: ``{"active", "previous"}``."""
+        return self._call("POST", f"/models/{quote(version, safe='')}/activate")
+
+    def image(self, image_id: str, size: int | None = None) -> bytes:
+        """An indexed image's bytes; ``size`` asks for a bounded JPEG thumbnail."""
+        params = {"size": str(size)} if size else None
+        response = self.session.get(f"{self.url}/images/{quote(image_id, safe='')}", params=params,
+                                    timeout=self.timeout)
+        if response.status_code >= 400:
+            try:
+                error = response.json().get("error", {})
+            except ValueError:
+                error = {}
+            raise ApiError(response.status_code, error.get("code", "http_error"),
+                           error.get("message", response.text[:200]))
+        return response.content

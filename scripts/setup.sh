@@ -20,3 +20,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     || .venv/bin/python -c "import workers.lsh_index"
   touch "$stamp"
 fi
+# Browser tests drive Debian's chromium through its chromedriver (no browser is downloaded).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if ! command -v apt-get >/dev/null; then
+    echo "[setup] no apt-get: install chromium and chromedriver for the browser tests" >&2
+  elif [ "$(id -u)" -eq 0 ]; then
+    echo "[setup] installing chromium + chromium-driver (browser tests)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  elif command -v sudo >/dev/null; then
+    echo "[setup] installing chromium + chromium-driver with sudo (browser tests)"
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "[setup] not root: apt-get install chromium chromium-driver for the browser tests" >&2
+  fi
+fi

@@ -14,14 +14,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared.registry import (
+    CENTER_FILE,
+    CONFIG_FILE,
+    IMAGES_FILE,
+    PLANES_FILE,
+    VECTORS_FILE,
+    WEIGHTS_FILE,
+)
 from workers.model import ModelConfig, build_model
 
-WEIGHTS = "model.pt"
-CONFIG = "config.json"
-IMAGES = "images.json"
-VECTORS = "embeddings.npy"
-PLANES = "lsh_planes.npy"
-CENTER = "center.npy"
+# File names live in shared/ so the API can check a version is complete before activating it.
+WEIGHTS = WEIGHTS_FILE
+CONFIG = CONFIG_FILE
+IMAGES = IMAGES_FILE
+VECTORS = VECTORS_FILE
+PLANES = PLANES_FILE
+CENTER = CENTER_FILE
 
 
 def new_version_id() -> str:

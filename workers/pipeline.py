@@ -149,7 +149,7 @@ def run_training(
         summary = {
             "version": version, "created_at": config["created_at"], "images": n,
             "embedding_dim": config["embedding_dim"], "architecture": params.architecture,
-            "dataset": params.dataset, "lsh": config["lsh"],
+            "dataset": params.dataset, "lsh": config["lsh"], "train_params": params.to_dict(),
             "final_val_loss": outcome.history[outcome.best_epoch - 1]["val_loss"]
             if outcome.best_epoch else None,
         }

@@ -129,9 +129,11 @@ def train_autoencoder(
             "seconds": round(time.perf_counter() - started, 2),
         })
         if on_progress:
+            # The losses so far travel with the progress so clients can chart them live.
             on_progress({"epoch": epoch, "epochs": config.epochs, "loss": round(train_loss, 6),
                          "val_loss": round(val_loss, 6), "images_done": epoch * per_epoch,
-                         "images_total": config.epochs * per_epoch})
+                         "images_total": config.epochs * per_epoch,
+                         "history": [dict(h) for h in history]})
         if not np.isfinite(train_loss):
             raise FloatingPointError(f"training diverged at epoch {epoch} (loss {train_loss})")
         if val_loss < best_loss - 1e-6:

@@ -1,0 +1,7 @@
+"""``python -m client``: the ``imgsim`` command without installing its console script."""
+
+import sys
+
+from client.cli import main
+
+sys.exit(main())
