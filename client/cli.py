@@ -184,7 +184,9 @@ class ProgressBar:
             self.close()
             self.phase = phase
             # Phases without a count (queued, running query) show the time waited instead.
-            bar_format = None if total else "{desc}: {elapsed}{postfix}"
+            bar_format = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                          "[{elapsed}<{remaining}{postfix}]" if total
+                          else "{desc}: {elapsed}{postfix}")
             self.bar = tqdm(total=total, desc=f"{job.get('type', 'job')}:{phase}", unit="img",
                             file=self.stream, dynamic_ncols=True, leave=True,
                             bar_format=bar_format,
@@ -193,9 +195,9 @@ class ProgressBar:
             self.bar.total = total
         self.bar.n = int(progress.get("images_done") or 0)
         postfix = []
-        if progress.get("epoch"):
+        if phase == "train" and progress.get("epoch"):
             postfix.append(f"epoch {progress['epoch']}/{progress.get('epochs', '?')}")
-        if progress.get("loss") is not None:
+        if phase == "train" and progress.get("loss") is not None:
             postfix.append(f"loss {progress['loss']:.4f}")
         self.bar.set_postfix_str(", ".join(postfix), refresh=False)
         self.bar.refresh()
@@ -521,8 +523,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except UsageError as exc:
         err.write(f"imgsim: error: {exc}\n")
     except ApiError as exc:
-        err.write(f"imgsim: error: the API answered {exc.status} {exc.code}: "
-                  f"{_one_line(exc.message)}\n")
+        if exc.status in {404, 405} and exc.code in {"not_found", "method_not_allowed"}:
+            # Flask's own answer, not the API's: no such route on this server.
+            err.write(f"imgsim: error: the server at {client.url} has no endpoint for "
+                      f"'{args.command}' (an older imgsim version?)\n")
+        else:
+            err.write(f"imgsim: error: the API answered {exc.status} {exc.code}: "
+                      f"{_one_line(exc.message)}\n")
     except requests.ConnectionError as exc:
         err.write(f"imgsim: error: cannot reach the imgsim API at {client.url}: "
                   f"{_connection_reason(exc)}\n")
