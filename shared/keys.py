@@ -40,6 +40,14 @@ class Keys:
     def image_paths(self, version: str) -> str:
         return f"{self.version_namespace(version)}:images"
 
+    def namespace(self, version: str) -> NamespaceKeys:
+        """Every key of one version's collection (tables, rows, tombstones)."""
+        return NamespaceKeys(self.version_namespace(version))
+
+    def superseded(self) -> str:
+        """Sorted set: replaced versions -> when they stopped serving (for delayed clean-up)."""
+        return f"{self.prefix}:superseded"
+
     def queue(self, name: str) -> str:
         """Celery queue name (``train`` or ``query``) under this prefix."""
         return f"{self.prefix}.{name}"
@@ -49,3 +57,43 @@ class Keys:
 
     def worker_heartbeats_pattern(self) -> str:
         return f"{self.prefix}:worker:*"
+
+
+@dataclass(frozen=True)
+class NamespaceKeys:
+    """Keys of one version's collection; all share the version's hash tag."""
+
+    ns: str
+
+    def bucket(self, table: int, code: int) -> str:
+        """Packed little-endian uint32 row ids of one LSH bucket."""
+        return f"{self.ns}:t{table}:{code:x}"
+
+    @property
+    def images(self) -> str:
+        """Hash: image_id -> JSON {"root", "path", "row"} (content already indexed)."""
+        return f"{self.ns}:images"
+
+    @property
+    def rows(self) -> str:
+        """Committed row count (trained rows + added rows)."""
+        return f"{self.ns}:rows"
+
+    @property
+    def generation(self) -> str:
+        """Incremented by every commit (add or delete): readers refresh when it moves."""
+        return f"{self.ns}:gen"
+
+    @property
+    def added(self) -> str:
+        """List: JSON {"image_id", "path"} of each row added after training, in row order."""
+        return f"{self.ns}:added"
+
+    @property
+    def deleted(self) -> str:
+        """Set of deleted row ids (tombstones): never returned by a query."""
+        return f"{self.ns}:deleted"
+
+    @property
+    def write_lock(self) -> str:
+        return f"{self.ns}:lock"

@@ -42,6 +42,8 @@ class Settings:
     train_threads: int = 0
     worker_concurrency: int = 2
     train_time_limit_s: int = 3 * 3600
+    lsh_min_rows: int = 20_000
+    version_grace_s: int = 300
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -77,4 +79,6 @@ class Settings:
             train_threads=_int(env, "IMGSIM_TRAIN_THREADS", 0, 0),
             worker_concurrency=_int(env, "IMGSIM_WORKER_CONCURRENCY", 2, 1),
             train_time_limit_s=_int(env, "IMGSIM_TRAIN_TIME_LIMIT_S", cls.train_time_limit_s, 60),
+            lsh_min_rows=_int(env, "IMGSIM_LSH_MIN_ROWS", cls.lsh_min_rows, 0),
+            version_grace_s=_int(env, "IMGSIM_VERSION_GRACE_S", cls.version_grace_s, 0),
         )

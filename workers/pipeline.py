@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 
@@ -111,7 +110,7 @@ def run_training(
         "model": model_config.to_dict(),
         "embedding_dim": int(vectors.shape[1]),
         "train_params": params.to_dict(),
-        "lsh": {"hash_bits": lsh.hash_bits, "num_tables": lsh.num_tables},
+        "lsh": lsh.to_dict(),
         "dataset_root": str(root),
         "history": outcome.history,
         "best_epoch": outcome.best_epoch,
@@ -134,15 +133,7 @@ def run_training(
         phase_start = time.perf_counter()
         report({"phase": "index", "images_done": 0, "images_total": n})
         index = LshIndex(client, namespace, planes, vectors)
-        index.index_batch(range(n), vectors)
-        root_text = str(root)
-        pipe = client.pipeline(transaction=False)
-        for start in range(0, n, 1000):
-            pipe.hset(keys.image_paths(version), mapping={
-                e["image_id"]: json.dumps({"root": root_text, "path": e["path"]})
-                for e in images[start : start + 1000]
-            })
-        pipe.execute()
+        index.build(vectors, [{**e, "root": str(root)} for e in images])
         report({"phase": "index", "images_done": n, "images_total": n})
         timings["index_s"] = round(time.perf_counter() - phase_start, 2)
 
@@ -155,6 +146,8 @@ def run_training(
         }
         registry.register(version, summary)
         previous = registry.activate(version)  # the single atomic switch
+        if previous and previous != version:  # its tables go after a grace period
+            client.zadd(keys.superseded(), {previous: time.time()})
     except BaseException:
         delete_namespace(client, namespace)
         registry.forget(version)

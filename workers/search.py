@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -16,7 +17,8 @@ from shared.settings import Settings
 from workers.artifacts import ModelVersion, load_version
 from workers.embedding import encode_images, normalise
 from workers.errors import JobError
-from workers.lsh_index import LshIndex
+from workers.lsh_index import LshIndex, LshParams
+from workers.vector_store import VectorStore
 
 
 class ActiveModelCache:
@@ -50,10 +52,101 @@ class ActiveModelCache:
                 except FileNotFoundError as exc:
                     raise JobError("model_files_missing",
                                    f"active model {active} has no files: {exc}") from None
-                index = LshIndex(self._client, self._keys.version_namespace(active),
-                                 version.planes, version.vectors)
+                index = open_index(self._client, self._keys, self._settings, version)
                 self._loaded = (version, index)
             return self._loaded
+
+
+def open_index(client: redis.Redis, keys: Keys, settings: Settings,
+               version: ModelVersion) -> LshIndex:
+    """The LSH index of a loaded version over its vector store (trained + added rows).
+
+    A version whose tables were removed (superseded, then made active again) gets them
+    rebuilt from its saved vectors here, under the version's write lock.
+    """
+    lsh = LshParams.from_dict(version.config["lsh"])
+    store = VectorStore(version.vectors, settings.artifacts_dir / version.version)
+    index = LshIndex(client, keys.version_namespace(version.version), version.planes, store,
+                     probes=lsh.probes, exact_below=settings.lsh_min_rows)
+    if not index.exists():
+        with index._write_lock(60.0):
+            if not index.exists():
+                index.build(np.asarray(version.vectors), [
+                    {"image_id": i, "path": p, "root": version.dataset_root}
+                    for i, p in zip(version.image_ids, version.paths, strict=True)])
+    index.sync()
+    return index
+
+
+def row_entry(version: ModelVersion, index: LshIndex, row: int) -> tuple[str, str]:
+    """(image_id, path) of a row: trained rows from the version, added rows from Redis."""
+    if row < len(version.image_ids):
+        return version.image_ids[row], version.paths[row]
+    entry = index.added_meta[row - len(version.image_ids)]
+    return entry["image_id"], entry["path"]
+
+
+def search_vector(version: ModelVersion, index: LshIndex, query: np.ndarray, k: int,
+                  probes: int | None = None, exact: bool = False,
+                  exclude_row: int | None = None) -> dict:
+    """Search the index with an embedding and describe the hits.
+
+    Args:
+        version: the loaded version.
+        index: its index.
+        query: (dim,) normalised embedding.
+        k: hits wanted.
+        probes: extra buckets per table (None: the version's default).
+        exact: scan every row.
+        exclude_row: a row never returned (the query image itself when querying by id).
+
+    Returns:
+        {"hits", "search"} parts of a query result.
+    """
+    want = k + (1 if exclude_row is not None else 0)
+    found = index.search(query, want, probes=probes, exact=exact)
+    hits = []
+    for row, dist in zip(found.rows.tolist(), found.distances.tolist(), strict=True):
+        if row == exclude_row or len(hits) == k:
+            continue
+        image_id, path = row_entry(version, index, row)
+        hits.append({
+            "image_id": image_id,
+            "path": path,
+            "distance": round(float(dist), 6),
+            # Vectors are unit length, so cosine similarity = 1 - d^2 / 2.
+            "score": round(float(1.0 - dist * dist / 2.0), 6),
+        })
+    search = {"method": found.method, "candidates": found.candidates,
+              "indexed": index.alive_rows}
+    if found.method == "lsh":
+        search["probes"] = found.probes
+    if found.reason:
+        search["reason"] = found.reason
+    return {"hits": hits, "search": search}
+
+
+def run_query_by_id(cache: ActiveModelCache, image_id: str, k: int, probes: int | None = None,
+                    exact: bool = False) -> dict:
+    """The k images nearest to an indexed one (itself excluded), from its stored vector.
+
+    Raises:
+        JobError: no active model, or the image is not in the active version.
+    """
+    t0 = time.perf_counter()
+    version, index = cache.get()
+    raw = index.client.hget(index.keys.images, image_id)
+    row = None if raw is None else int(json.loads(raw)["row"])
+    if row is None:
+        raise JobError("image_not_found",
+                       f"no image {image_id!r} in the active version {version.version}")
+    index.sync()
+    if row >= len(index.store):
+        raise JobError("image_not_found", f"image {image_id!r} is not committed yet")
+    query = index.store.take(np.asarray([row]))[0]
+    part = search_vector(version, index, query, k, probes, exact, exclude_row=row)
+    return {"model_version": version.version, "k": k, "query": {"image_id": image_id},
+            **part, "timings_ms": {"total_ms": round((time.perf_counter() - t0) * 1000, 2)}}
 
 
 def run_query(
@@ -62,6 +155,8 @@ def run_query(
     data: bytes,
     k: int,
     device: torch.device,
+    probes: int | None = None,
+    exact: bool = False,
 ) -> dict:
     """Embed an uploaded image and return its k nearest indexed images.
 
@@ -71,6 +166,8 @@ def run_query(
         data: the uploaded file's bytes.
         k: number of hits wanted.
         device: torch device.
+        probes: extra buckets per table (None: the version's default).
+        exact: scan every row instead of probing the tables.
 
     Returns:
         JSON result: hits (image_id, path, distance, score), model version, search method,
@@ -96,26 +193,11 @@ def run_query(
     query = normalise(code, version.center)[0]
     timings["encode_ms"] = (time.perf_counter() - t0) * 1000
     t0 = time.perf_counter()
-    found = index.search(query, k)
+    part = search_vector(version, index, query, k, probes, exact)
     timings["search_ms"] = (time.perf_counter() - t0) * 1000
-    hits = [
-        {
-            "image_id": version.image_ids[row],
-            "path": version.paths[row],
-            "distance": round(float(dist), 6),
-            # Vectors are unit length, so cosine similarity = 1 - d^2 / 2.
-            "score": round(float(1.0 - dist * dist / 2.0), 6),
-        }
-        for row, dist in zip(found.rows.tolist(), found.distances.tolist(), strict=True)
-    ]
     return {
         "model_version": version.version,
         "k": k,
-        "hits": hits,
-        "search": {
-            "method": found.method,
-            "candidates": found.candidates,
-            "indexed": len(version.image_ids),
-        },
+        **part,
         "timings_ms": {name: round(value, 2) for name, value in timings.items()},
     }
