@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["imgsim"] = Services(settings)
 
-    from api import errors, health, images, jobs, models, web
+    from api import errors, health, images, index, jobs, models, web
 
     errors.register(app)
     app.register_blueprint(health.bp)
@@ -60,4 +60,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(images.bp)
     app.register_blueprint(models.bp)
     app.register_blueprint(web.bp)
+    app.register_blueprint(index.bp)
     return app

@@ -33,8 +33,10 @@ def get_image(image_id: str):
         raise ApiError(404, "image_not_found", f"no indexed image with id {image_id!r}")
     root, relpath = location
     path = (Path(root) / relpath).resolve()
-    data_root = svc.settings.data_root
-    if data_root not in path.parents or not path.is_file():
+    # Indexed files live in the data root, or (uploads added by POST /jobs/index) in the
+    # artifacts folder's uploads/.
+    allowed = (svc.settings.data_root, svc.settings.artifacts_dir / "uploads")
+    if not any(root in path.parents for root in allowed) or not path.is_file():
         raise ApiError(404, "image_missing", "the indexed image is no longer on disk")
     if size is not None:
         return thumbnail_response(path, size, svc.settings.max_upload_bytes,

@@ -86,6 +86,10 @@ def create_train_job():
 @bp.post("/query")
 def create_query_job():
     """Validate an uploaded image, spool it in Redis and enqueue a query; 202."""
+    from api.index import create_extended_query_job, wants_extended_query  # imports this module
+
+    if wants_extended_query():  # by image_id, several files, probes / exact (api/index.py)
+        return create_extended_query_job()
     svc = services()
     upload = request.files.get("image")
     if upload is None:

@@ -16,11 +16,17 @@ TRAIN_TASK = "imgsim.train"
 QUERY_TASK = "imgsim.query"
 TRAIN_QUEUE = "train"
 QUERY_QUEUE = "query"
+# Index operations (issue 4): adding images runs on the train queue (it embeds, like training);
+# queries by id / batches on the query queue; superseded-version clean-up on the train queue.
+INDEX_TASK = "imgsim.index"
+SEARCH_TASK = "imgsim.search"
+GC_VERSIONS_TASK = "imgsim.gc_versions"
 
 
 class JobType(StrEnum):
     TRAIN = "train"
     QUERY = "query"
+    INDEX = "index"
 
 
 class JobStatus(StrEnum):

@@ -216,3 +216,21 @@ def test_an_uncommitted_tail_is_never_read_and_is_cut_by_the_next_writer(make_in
     added = index.add(_clustered(1, 8, seed=4), [{"image_id": "a" * 24, "path": "a.jpg"}])
     assert added[0]["row"] == 20
     assert (tmp_path / "added_vectors.f32").stat().st_size == 8 * 4
+
+
+def test_superseded_namespaces_go_after_the_grace_period_never_the_active(redis_client,
+                                                                          key_prefix):
+    from shared.registry import ModelRegistry
+    from workers.indexing import collect_superseded
+
+    keys = Keys(key_prefix)
+    for version in ("v1", "v2", "v3"):
+        redis_client.set(keys.namespace(version).rows, 1)
+        redis_client.set(keys.namespace(version).bucket(0, 5), b"\0\0\0\0")
+    ModelRegistry(redis_client, keys).activate("v3")
+    redis_client.zadd(keys.superseded(), {"v1": 100.0, "v2": 190.0, "v3": 100.0})
+    assert collect_superseded(redis_client, keys, grace_s=50, now=200.0) == ["v1"]
+    assert not redis_client.exists(keys.namespace("v1").rows, keys.namespace("v1").bucket(0, 5))
+    assert redis_client.exists(keys.namespace("v2").rows)  # still inside its grace period
+    assert redis_client.exists(keys.namespace("v3").rows)  # active again: kept, unlisted
+    assert redis_client.zrange(keys.superseded(), 0, -1) == [b"v2"]

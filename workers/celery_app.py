@@ -10,7 +10,15 @@ import redis
 from celery import Celery, signals
 from kombu import Queue
 
-from shared.jobs import QUERY_QUEUE, QUERY_TASK, TRAIN_QUEUE, TRAIN_TASK
+from shared.jobs import (
+    GC_VERSIONS_TASK,
+    INDEX_TASK,
+    QUERY_QUEUE,
+    QUERY_TASK,
+    SEARCH_TASK,
+    TRAIN_QUEUE,
+    TRAIN_TASK,
+)
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -19,7 +27,7 @@ settings = Settings.from_env()
 keys = Keys(settings.key_prefix)
 train_queue, query_queue = keys.queue(TRAIN_QUEUE), keys.queue(QUERY_QUEUE)
 
-app = Celery("imgsim", broker=settings.redis_url, include=["workers.tasks"])
+app = Celery("imgsim", broker=settings.redis_url, include=["workers.tasks", "workers.index_tasks"])
 app.conf.update(
     task_serializer="json",
     accept_content=["json"],
@@ -31,7 +39,9 @@ app.conf.update(
     worker_concurrency=settings.worker_concurrency,
     # A plain `celery worker` serves both queues; `-Q <prefix>.train` or `.query` splits them.
     task_queues=[Queue(train_queue), Queue(query_queue)],
-    task_routes={TRAIN_TASK: {"queue": train_queue}, QUERY_TASK: {"queue": query_queue}},
+    task_routes={TRAIN_TASK: {"queue": train_queue}, QUERY_TASK: {"queue": query_queue},
+                 INDEX_TASK: {"queue": train_queue}, SEARCH_TASK: {"queue": query_queue},
+                 GC_VERSIONS_TASK: {"queue": train_queue}},
     task_default_queue=query_queue,
     broker_connection_retry_on_startup=True,
     # Redelivery of unacked tasks must not start before the longest training could end.
