@@ -292,12 +292,13 @@ class LshIndex(LSHash):
         for table in range(self.num_hashtables):
             order = np.argsort(codes[:, table], kind="stable")
             sorted_codes = codes[order, table]
-            bounds = np.flatnonzero(np.diff(sorted_codes)) + 1
-            packed = rows[order].astype(ROW_DTYPE)
-            starts = np.concatenate([[0], bounds])
-            ends = np.concatenate([bounds, [len(order)]])
-            for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
-                yield self.keys.bucket(table, int(sorted_codes[lo])), packed[lo:hi].tobytes()
+            starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+            ends = np.r_[starts[1:], len(order)]
+            packed = rows[order].astype(ROW_DTYPE).tobytes()
+            prefix = self._table_prefixes[table]
+            for code, lo, hi in zip(sorted_codes[starts].tolist(), (4 * starts).tolist(),
+                                    (4 * ends).tolist(), strict=True):
+                yield f"{prefix}{code:x}", packed[lo:hi]
 
     @staticmethod
     def _entry_fields(entries: Sequence[dict], first_row: int) -> dict[str, str]:
@@ -316,14 +317,11 @@ class LshIndex(LSHash):
         rows = np.arange(len(vectors), dtype=np.int64)
         codes = self.codes(vectors)
         pipe = self._client.pipeline(transaction=False)
-        batch: dict[str, bytes] = {}
-        for key, value in self._bucket_values(rows, codes):
-            batch[key] = value
-            if len(batch) >= WRITE_BATCH:
-                pipe.mset(batch)
-                batch = {}
-        if batch:
+        values = self._bucket_values(rows, codes)
+        while batch := dict(itertools.islice(values, WRITE_BATCH)):
             pipe.mset(batch)
+            if len(pipe) >= 64:  # bound the client-side buffer on big builds
+                pipe.execute()
         if entries:
             for start in range(0, len(entries), 1000):
                 pipe.hset(self.keys.images,
