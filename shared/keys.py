@@ -95,5 +95,10 @@ class NamespaceKeys:
         return f"{self.ns}:deleted"
 
     @property
+    def built(self) -> str:
+        """Present while the LSH tables (``t*`` keys) of this version exist."""
+        return f"{self.ns}:built"
+
+    @property
     def write_lock(self) -> str:
         return f"{self.ns}:lock"

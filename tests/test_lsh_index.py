@@ -78,7 +78,7 @@ def test_everything_lives_in_one_database_under_the_namespace(make_index, redis_
     keys = [k.decode() for k in redis_client.scan_iter(match=f"{key_prefix}*")]
     assert keys and all(k.startswith(index.namespace + ":") for k in keys)
     assert {k for k in keys if ":t" not in k} == {
-        index.keys.images, index.keys.rows, index.keys.generation}
+        index.keys.images, index.keys.rows, index.keys.generation, index.keys.built}
     entry = json.loads(redis_client.hget(index.keys.images, f"{7:024x}"))
     assert entry == {"root": "/r", "path": "p7.jpg", "row": 7}
     assert delete_namespace(redis_client, index.namespace) == len(keys)
@@ -225,12 +225,32 @@ def test_superseded_namespaces_go_after_the_grace_period_never_the_active(redis_
 
     keys = Keys(key_prefix)
     for version in ("v1", "v2", "v3"):
-        redis_client.set(keys.namespace(version).rows, 1)
-        redis_client.set(keys.namespace(version).bucket(0, 5), b"\0\0\0\0")
+        ns = keys.namespace(version)
+        redis_client.set(ns.rows, 1)
+        redis_client.set(ns.built, 1)
+        redis_client.set(ns.bucket(0, 5), b"\0\0\0\0")
     ModelRegistry(redis_client, keys).activate("v3")
     redis_client.zadd(keys.superseded(), {"v1": 100.0, "v2": 190.0, "v3": 100.0})
     assert collect_superseded(redis_client, keys, grace_s=50, now=200.0) == ["v1"]
-    assert not redis_client.exists(keys.namespace("v1").rows, keys.namespace("v1").bucket(0, 5))
-    assert redis_client.exists(keys.namespace("v2").rows)  # still inside its grace period
-    assert redis_client.exists(keys.namespace("v3").rows)  # active again: kept, unlisted
+    v1 = keys.namespace("v1")
+    assert not redis_client.exists(v1.bucket(0, 5), v1.built)  # the tables are gone
+    assert redis_client.exists(v1.rows)  # its small records stay: it can be rebuilt
+    assert redis_client.exists(keys.namespace("v2").bucket(0, 5))  # inside its grace period
+    assert redis_client.exists(keys.namespace("v3").bucket(0, 5))  # active again: kept
     assert redis_client.zrange(keys.superseded(), 0, -1) == [b"v2"]
+
+
+def test_dropped_tables_are_rebuilt_from_the_store_with_added_rows(make_index, tmp_path):
+    x = _clustered(300, 16, seed=6)
+    index = make_index(x, folder=tmp_path, exact_below=10_000)
+    index.build(x)
+    index.add(_clustered(3, 16, seed=7), [{"image_id": f"{i:024x}", "path": f"{i}.jpg"}
+                                          for i in range(3)])
+    index.delete_rows([301])
+    assert index.exists() and index.drop_tables() > 0 and not index.exists()
+    assert index.search(x[0], 5, probes=2).method == "exact_fallback"
+    index.sync()
+    index.build(index.store.take(np.arange(len(index.store))))
+    assert index.exists() and len(index.store) == 303
+    found = index.search(index.store.take(np.asarray([302]))[0], 3, probes=2)
+    assert found.method == "lsh" and found.rows[0] == 302 and 301 not in found.rows.tolist()

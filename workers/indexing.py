@@ -164,10 +164,12 @@ def _save_upload(root: Path, image_id: str, data: bytes) -> str:
 
 def collect_superseded(client: redis.Redis, keys: Keys, grace_s: float,
                        now: float | None = None) -> list[str]:
-    """Remove the Redis tables of versions superseded more than ``grace_s`` ago.
+    """Remove the LSH tables of versions superseded more than ``grace_s`` ago.
 
-    SCAN + UNLINK per namespace; the version's files and registry entry stay, so it can be
-    made active again (a worker then rebuilds its tables from the saved vectors).
+    SCAN + UNLINK of the namespace's bucket keys (the bulk of its memory). The version's files,
+    registry entry and small per-version records (images hash, row count, added rows,
+    tombstones) stay, so it can be made active again: a worker then rebuilds its tables from
+    the saved vectors.
 
     Returns:
         The versions whose namespaces were removed.
@@ -179,7 +181,9 @@ def collect_superseded(client: redis.Redis, keys: Keys, grace_s: float,
                                             withscores=True):
         version = raw.decode()
         if version != active:
-            delete_namespace(client, keys.version_namespace(version))
+            ns = keys.namespace(version)
+            client.unlink(ns.built)
+            delete_namespace(client, ns.ns, pattern="t*")
             removed.append(version)
         client.zrem(keys.superseded(), version)
     return removed

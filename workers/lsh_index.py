@@ -327,8 +327,15 @@ class LshIndex(LSHash):
                 pipe.hset(self.keys.images,
                           mapping=self._entry_fields(entries[start : start + 1000], start))
         pipe.set(self.keys.rows, len(vectors))
+        pipe.set(self.keys.built, 1)
         pipe.incr(self.keys.generation)
         pipe.execute()
+
+    def drop_tables(self) -> int:
+        """Remove the LSH tables only (SCAN + UNLINK of ``t*``); rows, images hash, added-row
+        metadata and tombstones stay, so ``build`` over the stored vectors restores them."""
+        self._client.unlink(self.keys.built)
+        return delete_namespace(self._client, self.namespace, pattern="t*")
 
     def index_batch(self, rows: Iterable[int], points: np.ndarray) -> None:
         """Append rows to every table (APPEND per bucket, pipelined); does not move the count.
@@ -444,8 +451,8 @@ class LshIndex(LSHash):
     # -- reading ---------------------------------------------------------------------------
 
     def exists(self) -> bool:
-        """Whether this namespace's tables were built (its row count is committed)."""
-        return bool(self._client.exists(self.keys.rows))
+        """Whether this namespace's tables are built."""
+        return bool(self._client.exists(self.keys.built))
 
     def sync(self, generation: int | None = None) -> None:
         """Catch up with commits by other processes (added rows, tombstones) when they moved.
@@ -644,11 +651,12 @@ class LshIndex(LSHash):
                             f"(probes tried {tried})")
 
 
-def delete_namespace(client: redis.Redis, namespace: str, batch: int = 1000) -> int:
-    """UNLINK every key under ``namespace:`` found by SCAN; return how many were removed."""
+def delete_namespace(client: redis.Redis, namespace: str, batch: int = 1000,
+                     pattern: str = "*") -> int:
+    """UNLINK every key under ``namespace:<pattern>`` found by SCAN; return how many."""
     removed = 0
     keys: list[bytes] = []
-    for key in client.scan_iter(match=f"{namespace}:*", count=batch):
+    for key in client.scan_iter(match=f"{namespace}:{pattern}", count=batch):
         keys.append(key)
         if len(keys) >= batch:
             removed += client.unlink(*keys)

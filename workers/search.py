@@ -71,9 +71,11 @@ def open_index(client: redis.Redis, keys: Keys, settings: Settings,
     if not index.exists():
         with index._write_lock(60.0):
             if not index.exists():
-                index.build(np.asarray(version.vectors), [
+                index.sync()  # every committed row, the added ones included
+                entries = None if client.exists(index.keys.images) else [
                     {"image_id": i, "path": p, "root": version.dataset_root}
-                    for i, p in zip(version.image_ids, version.paths, strict=True)])
+                    for i, p in zip(version.image_ids, version.paths, strict=True)]
+                index.build(store.take(np.arange(len(store))), entries)
     index.sync()
     return index
 

@@ -255,11 +255,12 @@ def test_version_swap_under_query_loop_then_old_namespace_removed(service, folde
     versions = [v for _, v in outcomes]
     assert old in versions and new in versions
     assert old not in versions[versions.index(new):]
-    # After the grace period the superseded namespace is gone (SCAN + UNLINK), the new serves.
-    old_ns = f"{service['prefix']}:{{{old}}}:*"
+    # After the grace period the superseded tables are gone (SCAN + UNLINK), the new serves.
+    old_ns = f"{service['prefix']}:{{{old}}}:t*"
     deadline = time.monotonic() + GRACE_S + 30
     while time.monotonic() < deadline and list(client.scan_iter(match=old_ns, count=1000)):
         time.sleep(0.5)
     assert not list(client.scan_iter(match=old_ns, count=1000))
-    assert list(client.scan_iter(match=f"{service['prefix']}:{{{new}}}:*", count=1000))
+    assert list(client.scan_iter(match=f"{service['prefix']}:{{{new}}}:t*", count=1000))
+    assert not client.exists(f"{service['prefix']}:{{{old}}}:built")
     assert _query_file(base, data)["model_version"] == new
