@@ -130,7 +130,9 @@ def search_vector(version: ModelVersion, index: LshIndex, query: np.ndarray, k: 
 
 def run_query_by_id(cache: ActiveModelCache, image_id: str, k: int, probes: int | None = None,
                     exact: bool = False) -> dict:
-    """The k images nearest to an indexed one (itself excluded), from its stored vector.
+    """The k images nearest to an indexed one, from its stored vector (no re-embedding).
+
+    Like querying with the image's own bytes, the image itself comes first (distance 0).
 
     Raises:
         JobError: no active model, or the image is not in the active version.
@@ -146,7 +148,7 @@ def run_query_by_id(cache: ActiveModelCache, image_id: str, k: int, probes: int 
     if row >= len(index.store):
         raise JobError("image_not_found", f"image {image_id!r} is not committed yet")
     query = index.store.take(np.asarray([row]))[0]
-    part = search_vector(version, index, query, k, probes, exact, exclude_row=row)
+    part = search_vector(version, index, query, k, probes, exact)
     return {"model_version": version.version, "k": k, "query": {"image_id": image_id},
             **part, "timings_ms": {"total_ms": round((time.perf_counter() - t0) * 1000, 2)}}
 

@@ -156,7 +156,7 @@ def test_uploaded_files_are_added_once_and_served(service, folder_added):
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "not_an_image"
 
 
-def test_query_by_image_id_excludes_itself(service):
+def test_query_by_image_id_finds_itself_first(service):
     base = service["base"]
     hit = _query_file(base, sorted((service["root"] / "base" / "cat").iterdir())[2]
                       .read_bytes())["hits"][0]
@@ -164,7 +164,8 @@ def test_query_by_image_id_excludes_itself(service):
                                      json={"image_id": hit["image_id"], "k": 5}, timeout=10))
     assert result["query"] == {"image_id": hit["image_id"]}
     assert len(result["hits"]) == 5
-    assert hit["image_id"] not in [h["image_id"] for h in result["hits"]]
+    assert result["hits"][0]["image_id"] == hit["image_id"]  # its stored vector: distance 0
+    assert result["hits"][0]["distance"] < 1e-5
     unknown = requests.post(f"{base}/jobs/query", json={"image_id": "f" * 24}, timeout=10)
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "image_not_found"
     bad = requests.post(f"{base}/jobs/query", json={"image_id": "nope"}, timeout=10)
