@@ -44,6 +44,8 @@ class Settings:
     train_time_limit_s: int = 3 * 3600
     lsh_min_rows: int = 20_000
     version_grace_s: int = 300
+    pixel_cache_bytes: int = 2 * 1024**3
+    precision: str = "auto"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -65,6 +67,9 @@ class Settings:
         prefix = (env.get("IMGSIM_KEY_PREFIX") or "imgsim").strip()
         if not prefix or any(c in prefix for c in " {}:"):
             raise SettingsError("IMGSIM_KEY_PREFIX must be non-empty without spaces, ':' or braces")
+        precision = (env.get("IMGSIM_PRECISION") or "auto").strip().lower()
+        if precision not in {"auto", "fp32"}:
+            raise SettingsError(f"IMGSIM_PRECISION must be auto or fp32, got {precision!r}")
         return cls(
             redis_url=env.get("IMGSIM_REDIS_URL") or cls.redis_url,
             data_root=data_root,
@@ -81,4 +86,6 @@ class Settings:
             train_time_limit_s=_int(env, "IMGSIM_TRAIN_TIME_LIMIT_S", cls.train_time_limit_s, 60),
             lsh_min_rows=_int(env, "IMGSIM_LSH_MIN_ROWS", cls.lsh_min_rows, 0),
             version_grace_s=_int(env, "IMGSIM_VERSION_GRACE_S", cls.version_grace_s, 0),
+            pixel_cache_bytes=_int(env, "IMGSIM_PIXEL_CACHE_BYTES", cls.pixel_cache_bytes, 0),
+            precision=precision,
         )

@@ -43,3 +43,36 @@ def configure_threads(torch_threads: int, concurrency: int) -> int:
     threads = torch_threads or max(1, (os.cpu_count() or 1) // max(1, concurrency))
     torch.set_num_threads(threads)
     return threads
+
+
+def _cpu_has_native_bf16() -> bool:
+    # bf16 autocast on a CPU without bf16 instructions is emulated and slower than float32.
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The lower precision to autocast to on ``device``, or None for plain float32.
+
+    Args:
+        device: where the model runs.
+        precision: the ``IMGSIM_PRECISION`` setting: "auto" (bf16 where the hardware computes
+            it natively: CUDA with bf16 support, CPUs with AVX512-BF16 or AMX) or "fp32".
+
+    Returns:
+        torch.bfloat16 or None.
+    """
+    if precision != "auto":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``, or a no-op context when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

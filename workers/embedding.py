@@ -6,33 +6,39 @@ import numpy as np
 import torch
 from torch import nn
 
+from workers.device import autocast, autocast_dtype
 from workers.training import to_tensor
 
 
 @torch.inference_mode()
-def encode_images(model: nn.Module, images: np.ndarray, device: torch.device,
-                  batch_size: int = 256) -> np.ndarray:
+def encode_images(model: nn.Module, images: np.ndarray | torch.Tensor, device: torch.device,
+                  batch_size: int = 256, precision: str = "auto") -> np.ndarray:
     """Raw encoder codes, averaged over the image and its mirror image.
 
     Averaging with the horizontal flip makes a mirrored photo embed exactly like the original.
+    Each batch and its mirror go through the encoder as one forward pass (half the calls; a
+    single query is one batch of two). Codes stay on the device until the end: one host sync.
 
     Args:
         model: a trained autoencoder with ``encode``.
-        images: (N, S, S, 3) uint8.
+        images: (N, S, S, 3) uint8, a host array or a tensor already on ``device``.
         device: where the model lives.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass (twice as many rows with the mirrors).
+        precision: the ``IMGSIM_PRECISION`` setting. Autocast applies on CUDA only: on a CPU,
+            float32 already encodes far faster than needed and keeps the index and query
+            vectors of the same image equal (bf16 rounding differs with the batch shape).
 
     Returns:
         (N, D) float32 codes.
     """
     model.eval()
-    use_amp = device.type == "cuda"
+    amp_dtype = autocast_dtype(device, precision) if device.type == "cuda" else None
     chunks = []
     for start in range(0, len(images), batch_size):
         x = to_tensor(images[start : start + batch_size], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            codes = (model.encode(x).float() + model.encode(x.flip(3)).float()) / 2
-        chunks.append(codes)
+        with autocast(device, amp_dtype):
+            both = model.encode(torch.cat([x, x.flip(3)])).float()
+        chunks.append((both[: len(x)] + both[len(x) :]) / 2)
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(chunks).cpu().numpy().astype(np.float32)

@@ -15,11 +15,12 @@ from shared.registry import ModelRegistry
 from shared.schema import TrainParams
 from shared.settings import Settings
 from workers.artifacts import new_version_id, remove_version, save_version
+from workers.device import autocast_dtype
 from workers.embedding import encode_images, normalise
 from workers.errors import JobError
 from workers.lsh_index import LshIndex, LshParams, delete_namespace, generate_planes
 from workers.model import ModelConfig
-from workers.reader import decode_dataset
+from workers.reader import PixelCache, decode_dataset, stage_images
 from workers.training import TrainingConfig, train_autoencoder
 
 ProgressFn = Callable[[dict], None]
@@ -44,7 +45,7 @@ def run_training(
         params: validated training parameters.
         device: torch device.
         report: receives progress dicts (phase, epoch, loss, images done/total).
-        threads: decode threads.
+        threads: decode threads (one per core is right: Pillow decodes without the GIL).
 
     Returns:
         JSON result: version, counts, skipped files, per-epoch losses, phase timings.
@@ -66,6 +67,7 @@ def run_training(
         root, params.image_size, settings.max_image_pixels, settings.max_upload_bytes, threads,
         on_progress=lambda done, total: report(
             {"phase": "scan", "images_done": done, "images_total": total}),
+        cache=PixelCache(settings.artifacts_dir / "cache" / "pixels", settings.pixel_cache_bytes),
     )
     timings["scan_decode_s"] = round(time.perf_counter() - started, 2)
     n = len(decoded.entries)
@@ -80,10 +82,12 @@ def run_training(
     model_config = ModelConfig(params.architecture, params.image_size, params.embedding_dim)
     train_config = TrainingConfig(params.epochs, params.batch_size, params.learning_rate,
                                   params.val_fraction, params.patience, params.seed)
+    staged = stage_images(decoded.images, device)  # on a GPU: copied there once, for every epoch
     try:
         outcome = train_autoencoder(
-            decoded.images, model_config, train_config, device,
+            staged, model_config, train_config, device,
             on_progress=lambda p: report({"phase": "train", **p}),
+            amp_dtype=autocast_dtype(device, settings.precision),
         )
     except FloatingPointError as exc:
         raise JobError("training_diverged", str(exc)) from None
@@ -91,7 +95,7 @@ def run_training(
 
     phase_start = time.perf_counter()
     report({"phase": "embed", "images_done": 0, "images_total": n})
-    codes = encode_images(outcome.model, decoded.images, device)
+    codes = encode_images(outcome.model, staged, device, precision=settings.precision)
     finite = np.isfinite(codes).all(axis=1)
     if not finite.all():
         raise JobError("embedding_not_finite",
@@ -160,6 +164,7 @@ def run_training(
         "dataset": params.dataset,
         "images_indexed": n,
         "skipped_count": len(decoded.skipped),
+        "pixel_cache": decoded.cache,
         "skipped": [s.to_dict() for s in decoded.skipped[:1000]],
         "embedding_dim": config["embedding_dim"],
         "architecture": params.architecture,

@@ -191,7 +191,7 @@ def run_query(
         raise JobError(exc.code, exc.message) from None
     timings["decode_ms"] = (time.perf_counter() - t0) * 1000
     t0 = time.perf_counter()
-    code = encode_images(version.model, pixels[None], device)
+    code = encode_images(version.model, pixels[None], device, precision=settings.precision)
     if not np.isfinite(code).all():
         raise JobError("embedding_not_finite", "the model produced a NaN/inf embedding")
     query = normalise(code, version.center)[0]

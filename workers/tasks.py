@@ -72,9 +72,10 @@ def train(job_id: str, params: dict) -> dict:
 
         report = ThrottledProgress(ctx, job_id)
         # Training gets every core (or IMGSIM_TRAIN_THREADS); queries keep their fair share.
-        with torch_threads(settings.train_threads or os.cpu_count() or 1):
+        cores = settings.train_threads or os.cpu_count() or 1
+        with torch_threads(cores):
             result = run_training(settings, ctx.redis, TrainParams.parse(params), ctx.device,
-                                  report, threads=max(2, ctx.threads))
+                                  report, threads=max(2, cores))
         return result, {**report.state, "phase": "done"}
 
     return _run(ctx, job_id, work)

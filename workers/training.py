@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from workers.device import autocast
 from workers.model import ModelConfig, build_model
 
 
@@ -36,11 +37,22 @@ class TrainingOutcome:
     stopped_early: bool
 
 
-def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1], channels-last in memory."""
-    if not batch.flags.writeable:  # decoded PIL arrays are read-only views
-        batch = batch.copy()
-    x = torch.from_numpy(batch).to(device, non_blocking=True)
+def to_tensor(batch: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float (B, 3, S, S) in [-1, 1], channels-last in memory.
+
+    ``batch`` may already be a uint8 tensor on ``device`` (images staged there once, see
+    ``workers.reader.stage_images``); host arrays go through pinned memory to a GPU so the
+    copy is asynchronous.
+    """
+    if isinstance(batch, torch.Tensor):
+        x = batch.to(device, non_blocking=True)
+    else:
+        if not batch.flags.writeable:  # decoded PIL arrays and cache memmaps are read-only
+            batch = batch.copy()
+        x = torch.from_numpy(batch)
+        if device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
     return x.contiguous(memory_format=torch.channels_last)
 
@@ -57,14 +69,14 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 def _evaluate(model: nn.Module, images: np.ndarray, rows: np.ndarray, batch: int,
               device: torch.device) -> float:
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), device=device), 0  # summed on device: one host sync
     with torch.inference_mode():
         for start in range(0, len(rows), batch):
             x = to_tensor(images[np.sort(rows[start : start + batch])], device)
-            total += float(nn.functional.mse_loss(model(x), x, reduction="sum"))
+            total += nn.functional.mse_loss(model(x), x, reduction="sum")
             count += x.numel()
     model.train()
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 def train_autoencoder(
@@ -73,6 +85,7 @@ def train_autoencoder(
     config: TrainingConfig,
     device: torch.device,
     on_progress: Callable[[dict], None] | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> TrainingOutcome:
     """Train with MSE reconstruction, Adam, random horizontal flips and early stopping.
 
@@ -82,6 +95,8 @@ def train_autoencoder(
         config: optimisation settings.
         device: where to train.
         on_progress: receives {"epoch", "epochs", "loss", "images_done", "images_total"}.
+        amp_dtype: autocast the forward pass to this dtype (None: float32); see
+            ``workers.device.autocast_dtype``.
 
     Returns:
         TrainingOutcome holding the weights of the best validation epoch.
@@ -91,7 +106,6 @@ def train_autoencoder(
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     train_rows, val_rows = split_indices(len(images), config.val_fraction, config.seed)
     rng = np.random.default_rng(config.seed + 1)
-    use_amp = device.type == "cuda"
     history: list[dict] = []
     best_loss, best_state, best_epoch, bad_epochs = float("inf"), None, 0, 0
     per_epoch = len(train_rows)
@@ -107,7 +121,7 @@ def train_autoencoder(
             x = to_tensor(images[rows], device)
             flip = torch.rand(x.shape[0], device=device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with autocast(device, amp_dtype):
                 recon = model(x)
             loss = nn.functional.mse_loss(recon.float(), x)
             optimiser.zero_grad(set_to_none=True)
