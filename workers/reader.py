@@ -305,4 +305,5 @@ def stage_images(images: np.ndarray, device) -> np.ndarray:
     free, _total = torch.cuda.mem_get_info(device)
     if images.nbytes > free // 4:
         return images
-    return torch.from_numpy(np.ascontiguousarray(images)).pin_memory().to(device)
+    host = np.require(images, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])  # copies a memmap
+    return torch.from_numpy(host).pin_memory().to(device)
