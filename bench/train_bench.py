@@ -44,10 +44,6 @@ DEFAULTS = TrainParams(dataset="animals")
 rows_out: list[tuple[str, str, str, str]] = []
 
 
-class _SkipLocal(Exception):
-    """--api-only: leave out the in-process measurements."""
-
-
 def report(name: str, value: str, goal: str = "", verdict: str = "") -> None:
     rows_out.append((name, value, goal, verdict))
     print(f"  {name:<52} {value:>22}  {goal:<12} {verdict}", flush=True)
@@ -176,6 +172,64 @@ def api_time_to_queryable(datasets: Path, redis_url: str) -> None:
                f"{again['timings']['scan_decode_s']} s", "", f"pixel cache {again['pixel_cache']}")
 
 
+def local_measurements(args: argparse.Namespace, animals: Path, tmp: Path) -> None:
+    """Sections 1-3: seed pipeline vs naive loop, default training, embedding."""
+    size = DEFAULTS.image_size
+    amp = autocast_dtype(CPU, "auto")
+    folder = tmp / "subset"
+    paths = subset(animals, args.per_class, folder)
+    cache = PixelCache(tmp / "cache", 1 << 30, settle_s=0.0)
+
+    print(f"\n1. seed preset, {len(paths)} photos, {args.epochs} epochs", flush=True)
+    # A B A B, best of each: other work on a shared machine slows one run, not the pair.
+    naive_rate = ours_rate = 0.0
+    for rep in range(args.repeats):
+        naive_s, naive_n = naive_reference(paths, args.epochs, size)
+        cold = PixelCache(tmp / f"cold{rep}", 1 << 30, settle_s=0.0)
+        decode_s, train_s, ours_n, _ = pipeline_run(folder, cold, "seed", args.epochs, size,
+                                                    amp)
+        naive_rate = max(naive_rate, naive_n / naive_s)
+        ours_rate = max(ours_rate, ours_n / (decode_s + train_s))
+    pipeline_run(folder, cache, "seed", 1, size, amp)  # fills the cache the next runs use
+    report("naive loop (decode every epoch, batch 16, fp32)", f"{naive_rate:.0f} img/s")
+    report("our pipeline, cold (decode once + train + validate)", f"{ours_rate:.0f} img/s")
+    ratio = ours_rate / naive_rate
+    report("  ratio", f"{ratio:.1f}x", ">= 3x", "ok" if ratio >= 3 else "MISSED")
+    warm_decode, warm_train, warm_n, _ = pipeline_run(folder, cache, "seed", args.epochs,
+                                                      size, amp)
+    report("our pipeline, next job (pixel cache hit)",
+           f"{warm_n / (warm_decode + warm_train):.0f} img/s", "",
+           f"decode {decode_s:.2f} s -> {warm_decode:.3f} s")
+
+    print(f"\n2. default model, {len(paths)} photos, 2 epochs", flush=True)
+    _, amp_s, amp_n, (outcome, _) = pipeline_run(folder, cache, "default", 2, size, amp)
+    _, fp32_s, fp32_n, _ = pipeline_run(folder, cache, "default", 2, size, None)
+    report("default model training, float32", f"{fp32_n / fp32_s:.0f} img/s")
+    report(f"default model training, autocast {amp or 'off'} (what jobs use)",
+           f"{amp_n / amp_s:.0f} img/s", "", f"{fp32_s / amp_s:.2f}x float32")
+    for entry in outcome.history:
+        print(f"     epoch {entry['epoch']}: val loss {entry['val_loss']}")
+
+    print("\n3. embedding, default model, all animal photos", flush=True)
+    everything = decode_dataset(animals, size, LIMITS.max_image_pixels,
+                                LIMITS.max_upload_bytes, threads=os.cpu_count() or 2,
+                                cache=cache)
+    model = outcome.model.eval()
+    encode_images(model, everything.images[:256], CPU)  # warm-up
+    started = time.perf_counter()
+    encode_images(model, everything.images, CPU)
+    embed_s = time.perf_counter() - started
+    rate = len(everything.entries) / embed_s
+    flops = encoder_flops(model, size) * 2  # the image and its mirror
+    peak = matmul_gflops()
+    report(f"embedding {len(everything.entries)} images (image + mirror)",
+           f"{rate:.0f} img/s", ">= 200/s", "ok" if rate >= 200 else "MISSED")
+    report("  encoder work per image (x2 for the mirror)", f"{flops / 1e6:.0f} MFLOP")
+    report("  achieved vs this CPU's 1024^2 matmul rate",
+           f"{rate * flops / 1e9:.1f} / {peak:.0f} GFLOP/s", "",
+           f"ceiling ~{peak * 1e9 / flops:.0f} img/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", type=Path, default=REPO.parent / "shared" / "datasets")
@@ -196,62 +250,8 @@ def main() -> None:
           flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="imgsim-train-bench-"))
     try:
-        if args.api_only:
-            raise _SkipLocal
-        folder = tmp / "subset"
-        paths = subset(animals, args.per_class, folder)
-        cache = PixelCache(tmp / "cache", 1 << 30, settle_s=0.0)
-
-        print(f"\n1. seed preset, {len(paths)} photos, {args.epochs} epochs", flush=True)
-        # A B A B, best of each: other work on a shared machine slows one run, not the pair.
-        naive_rate = ours_rate = 0.0
-        for rep in range(args.repeats):
-            naive_s, naive_n = naive_reference(paths, args.epochs, size)
-            cold = PixelCache(tmp / f"cold{rep}", 1 << 30, settle_s=0.0)
-            decode_s, train_s, ours_n, _ = pipeline_run(folder, cold, "seed", args.epochs, size,
-                                                        amp)
-            naive_rate = max(naive_rate, naive_n / naive_s)
-            ours_rate = max(ours_rate, ours_n / (decode_s + train_s))
-        pipeline_run(folder, cache, "seed", 1, size, amp)  # fills the cache the next runs use
-        report("naive loop (decode every epoch, batch 16, fp32)", f"{naive_rate:.0f} img/s")
-        report("our pipeline, cold (decode once + train + validate)", f"{ours_rate:.0f} img/s")
-        ratio = ours_rate / naive_rate
-        report("  ratio", f"{ratio:.1f}x", ">= 3x", "ok" if ratio >= 3 else "MISSED")
-        warm_decode, warm_train, warm_n, _ = pipeline_run(folder, cache, "seed", args.epochs,
-                                                          size, amp)
-        report("our pipeline, next job (pixel cache hit)",
-               f"{warm_n / (warm_decode + warm_train):.0f} img/s", "",
-               f"decode {decode_s:.2f} s -> {warm_decode:.3f} s")
-
-        print(f"\n2. default model, {len(paths)} photos, 2 epochs", flush=True)
-        _, amp_s, amp_n, (outcome, _) = pipeline_run(folder, cache, "default", 2, size, amp)
-        _, fp32_s, fp32_n, _ = pipeline_run(folder, cache, "default", 2, size, None)
-        report("default model training, float32", f"{fp32_n / fp32_s:.0f} img/s")
-        report(f"default model training, autocast {amp or 'off'} (what jobs use)",
-               f"{amp_n / amp_s:.0f} img/s", "", f"{fp32_s / amp_s:.2f}x float32")
-        for entry in outcome.history:
-            print(f"     epoch {entry['epoch']}: val loss {entry['val_loss']}")
-
-        print("\n3. embedding, default model, all animal photos", flush=True)
-        everything = decode_dataset(animals, size, LIMITS.max_image_pixels,
-                                    LIMITS.max_upload_bytes, threads=os.cpu_count() or 2,
-                                    cache=cache)
-        model = outcome.model.eval()
-        encode_images(model, everything.images[:256], CPU)  # warm-up
-        started = time.perf_counter()
-        encode_images(model, everything.images, CPU)
-        embed_s = time.perf_counter() - started
-        rate = len(everything.entries) / embed_s
-        flops = encoder_flops(model, size) * 2  # the image and its mirror
-        peak = matmul_gflops()
-        report(f"embedding {len(everything.entries)} images (image + mirror)",
-               f"{rate:.0f} img/s", ">= 200/s", "ok" if rate >= 200 else "MISSED")
-        report("  encoder work per image (x2 for the mirror)", f"{flops / 1e6:.0f} MFLOP")
-        report("  achieved vs this CPU's 1024^2 matmul rate",
-               f"{rate * flops / 1e9:.1f} / {peak:.0f} GFLOP/s", "",
-               f"ceiling ~{peak * 1e9 / flops:.0f} img/s")
-    except _SkipLocal:
-        pass
+        if not args.api_only:
+            local_measurements(args, animals, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
