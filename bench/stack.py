@@ -68,6 +68,8 @@ class BenchStack:
 
     def __enter__(self) -> BenchStack:
         self.redis.ping()
+        # `timeout` or Ctrl-C must still stop the processes and remove the keys (__exit__).
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         self._spawn("worker", [str(BIN / "celery"), "-A", "workers.celery_app", "worker",
                                "--loglevel=WARNING", "-n", f"{self.prefix}@%h",
                                f"--concurrency={self.worker_processes}", "--without-gossip",
@@ -102,7 +104,8 @@ class BenchStack:
         self.procs.clear()
         keys = list(self.redis.scan_iter(match=f"{self.prefix}*", count=1000))
         keys += [f"{self.prefix}.{q}" for q in ("train", "query")]
-        keys += [f"_kombu.binding.{self.prefix}.{q}" for q in ("train", "query")]
+        keys += [f"_kombu.{kind}.{self.prefix}.{q}" for q in ("train", "query")
+                 for kind in ("binding", "binding_permanent")]
         for start in range(0, len(keys), 1000):
             self.redis.unlink(*keys[start : start + 1000])
         shutil.rmtree(self.tmp, ignore_errors=True)
