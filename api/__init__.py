@@ -13,6 +13,9 @@ from shared.settings import Settings
 
 # Multipart framing around the file; the file itself is checked against max_upload_bytes.
 MULTIPART_OVERHEAD = 64 * 1024
+# Werkzeug's limits on the non-file part of a form, set explicitly (413 JSON beyond them).
+MAX_FORM_MEMORY_BYTES = 64 * 1024
+MAX_FORM_PARTS = 1000
 
 
 class Services:
@@ -49,16 +52,21 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD
+    app.config["MAX_FORM_MEMORY_SIZE"] = MAX_FORM_MEMORY_BYTES
+    app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
     app.json.sort_keys = False
     app.extensions["imgsim"] = Services(settings)
 
-    from api import errors, health, images, index, jobs, models, web
+    from api import auth, errors, health, images, index, jobs, lifecycle, models, openapi, web
 
     errors.register(app)
+    auth.register(app, settings.api_keys)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(lifecycle.bp)
     app.register_blueprint(images.bp)
     app.register_blueprint(models.bp)
     app.register_blueprint(web.bp)
     app.register_blueprint(index.bp)
+    app.register_blueprint(openapi.bp)
     return app

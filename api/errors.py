@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,25 @@ def register(app: Flask) -> None:
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_exc):
         limit = app.extensions["imgsim"].settings.max_upload_bytes
+        body_limit = app.config.get("MAX_CONTENT_LENGTH")
+        length = request.content_length
+        if length is not None and body_limit is not None and length <= body_limit:
+            # The body fits, so Werkzeug's form parser refused a text field or the part count.
+            return error_response(
+                413, "payload_too_large",
+                f"a form field is too large or there are too many parts: text fields may hold "
+                f"{app.config.get('MAX_FORM_MEMORY_SIZE'):,} bytes, a request "
+                f"{app.config.get('MAX_FORM_PARTS'):,} parts; send images as file parts")
         return error_response(413, "payload_too_large",
                               f"request body too large: the upload limit is {limit:,} bytes")
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_").replace("'", "")
-        return error_response(exc.code or 500, code, exc.description or exc.name)
+        body, status = error_response(exc.code or 500, code, exc.description or exc.name)
+        # Keep what the exception says besides its HTML body, e.g. Allow on a 405.
+        headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
+        return body, status, headers
 
     @app.errorhandler(redis.RedisError)
     def _redis_down(exc):

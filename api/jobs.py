@@ -95,6 +95,8 @@ def create_query_job():
     if upload is None:
         raise ApiError(400, "missing_image",
                        "send the image as multipart/form-data in the field 'image'")
+    if not upload.filename:  # what a form sends when no file was chosen
+        raise ApiError(400, "missing_image", "no file: the 'image' part has an empty file name")
     data = upload.read(svc.settings.max_upload_bytes + 1)
     if len(data) > svc.settings.max_upload_bytes:
         raise ApiError(413, "payload_too_large",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import time
 import uuid
@@ -39,6 +41,38 @@ class JobStatus(StrEnum):
 
 FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 _JSON_FIELDS = ("progress", "result", "error", "params")
+# Writes to a job that already expired must not recreate it as a hash without a TTL.
+_SET_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
+# GET /jobs reads the index in batches of this many ids, and at most LIST_SCAN_LIMIT per call.
+LIST_BATCH = 200
+LIST_SCAN_LIMIT = 2000
+
+
+class CursorError(ValueError):
+    """A ``GET /jobs`` cursor this store did not issue."""
+
+
+def encode_cursor(score: float, job_id: str) -> str:
+    """Opaque paging cursor: the position (creation time, id) of the last job listed."""
+    return base64.urlsafe_b64encode(f"{score!r}:{job_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Inverse of ``encode_cursor``; raises CursorError for anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        score_text, job_id = raw.split(":", 1)
+        score = float(score_text)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise CursorError("cursor is not one this service issued") from None
+    if not (score == score and len(job_id) == 32):  # rejects nan and foreign strings
+        raise CursorError("cursor is not one this service issued")
+    return score, job_id
 
 def now_iso() -> str:
     """Current UTC time as ISO 8601 with milliseconds."""
@@ -79,6 +113,8 @@ class JobStore:
         pipe.hset(key, mapping=fields)
         pipe.expire(key, self._ttl_s)
         pipe.zadd(self._keys.jobs_index(), {job_id: time.time()})
+        # The index outlives no record: ids older than the TTL are trimmed on every create.
+        pipe.zremrangebyscore(self._keys.jobs_index(), "-inf", time.time() - self._ttl_s)
         pipe.execute()
         return self.get(job_id) or {}
 
@@ -91,8 +127,12 @@ class JobStore:
         Returns:
             The record, or None when no such job exists (never issued, or expired).
         """
-        raw = self._redis.hgetall(self._keys.job(job_id))
-        if not raw:
+        return self._record(self._redis.hgetall(self._keys.job(job_id)))
+
+    @staticmethod
+    def _record(raw: dict[bytes, bytes]) -> dict[str, Any] | None:
+        """The API's view of a raw job hash (None for a missing or partial one)."""
+        if not raw or b"job_id" not in raw:
             return None
         record: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
         for name in _JSON_FIELDS:
@@ -110,6 +150,7 @@ class JobStore:
             "created_at": record.get("created_at"),
             "started_at": record.get("started_at") or None,
             "finished_at": record.get("finished_at") or None,
+            "cancel_requested": record.get("cancel_requested") == "1",
         }
 
     def status(self, job_id: str) -> str | None:
@@ -149,7 +190,146 @@ class JobStore:
 
     def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
         """Replace the progress object of a job (the worker throttles how often)."""
-        self._redis.hset(self._keys.job(job_id), "progress", json.dumps(progress))
+        self._redis.eval(_SET_IF_EXISTS, 1, self._keys.job(job_id), "progress",
+                         json.dumps(progress))
+
+    def report_and_check_cancel(self, job_id: str, progress: dict[str, Any]) -> bool:
+        """Write progress and read the cancel flag in one round trip.
+
+        Args:
+            job_id: the running job.
+            progress: the new progress object.
+
+        Returns:
+            True when a cancel was requested (or the record is gone: nobody waits for it).
+        """
+        key = self._keys.job(job_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.eval(_SET_IF_EXISTS, 1, key, "progress", json.dumps(progress))
+        pipe.hmget(key, "status", "cancel_requested")
+        _, (status, flag) = pipe.execute()
+        return status is None or flag == b"1" or status.decode() == JobStatus.CANCELED
+
+    def request_cancel(self, job_id: str) -> str:
+        """Cancel a job: at once when queued, at the worker's next check when running.
+
+        Args:
+            job_id: the job.
+
+        Returns:
+            "canceled" (was queued: it will never run), "requested" (running: the worker
+            stops at its next check), "finished" (already ended) or "missing".
+        """
+        key = self._keys.job(job_id)
+        with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    current = pipe.hget(key, "status")
+                    if current is None:
+                        pipe.unwatch()
+                        return "missing"
+                    status = current.decode()
+                    if status in FINAL_STATUSES:
+                        pipe.unwatch()
+                        return "finished"
+                    pipe.multi()
+                    if status == JobStatus.QUEUED:
+                        pipe.hset(key, mapping={
+                            "status": str(JobStatus.CANCELED), "cancel_requested": "1",
+                            "finished_at": now_iso(),
+                            "error": json.dumps({"code": "canceled",
+                                                 "message": "canceled before it started"}),
+                        })
+                        pipe.publish(self._keys.job_events(job_id), str(JobStatus.CANCELED))
+                    else:
+                        pipe.hset(key, "cancel_requested", "1")
+                    pipe.execute()
+                    return "canceled" if status == JobStatus.QUEUED else "requested"
+                except redis.WatchError:
+                    continue
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """True when someone asked to cancel this job."""
+        return self._redis.hget(self._keys.job(job_id), "cancel_requested") == b"1"
+
+    def mark_canceled(self, job_id: str, message: str = "canceled while running") -> bool:
+        """Running (or queued) -> canceled, once the worker has stopped and cleaned up."""
+        return self._finish(job_id, JobStatus.CANCELED,
+                            error={"code": "canceled", "message": message})
+
+    def trim_index(self) -> int:
+        """Drop ids older than the job TTL from the jobs index; return how many."""
+        return int(self._redis.zremrangebyscore(self._keys.jobs_index(), "-inf",
+                                                time.time() - self._ttl_s))
+
+    def list_jobs(
+        self,
+        job_type: str | None = None,
+        status: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Recent jobs, newest first, optionally of one type and status.
+
+        Reads at most ``LIST_SCAN_LIMIT`` ids per call, so a rare filter may return a short
+        page with a cursor to go on from; ids whose record expired are removed on the way.
+
+        Args:
+            job_type: only jobs of this type.
+            status: only jobs in this status.
+            limit: most jobs returned.
+            cursor: ``next_cursor`` of the previous page.
+
+        Returns:
+            (job records, next cursor or None when the index is exhausted).
+
+        Raises:
+            CursorError: a cursor this store did not issue.
+        """
+        self.trim_index()
+        after = decode_cursor(cursor) if cursor else None
+        index = self._keys.jobs_index()
+        top = after[0] if after else "+inf"
+        found: list[tuple[str, float]] = []
+        offset = examined = 0
+        last: tuple[float, str] | None = None
+        while True:
+            batch = self._redis.zrevrangebyscore(index, top, "-inf", start=offset, num=LIST_BATCH,
+                                                 withscores=True)
+            if not batch:
+                return self._records(found), None
+            offset += len(batch)
+            ids = [(member.decode(), score) for member, score in batch]
+            if after:  # same score as the cursor: ids come in descending order, skip seen ones
+                ids = [(i, s) for i, s in ids if s < after[0] or i < after[1]]
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id, _ in ids:
+                pipe.hmget(self._keys.job(job_id), "type", "status")
+            expired = []
+            for (job_id, score), (kind, state) in zip(ids, pipe.execute(), strict=True):
+                last = (score, job_id)
+                if kind is None:
+                    expired.append(job_id)
+                    continue
+                if (job_type is None or kind.decode() == job_type) and (
+                        status is None or state.decode() == status):
+                    found.append((job_id, score))
+                    if len(found) >= limit:
+                        break
+            if expired:
+                self._redis.zrem(index, *expired)
+            examined += len(batch)
+            if len(found) >= limit or examined >= LIST_SCAN_LIMIT:
+                position = (found[-1][1], found[-1][0]) if len(found) >= limit else last
+                cursor_out = encode_cursor(*position) if position else None
+                return self._records(found), cursor_out
+
+    def _records(self, found: list[tuple[str, float]]) -> list[dict[str, Any]]:
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id, _ in found:
+            pipe.hgetall(self._keys.job(job_id))
+        return [r for r in map(self._record, pipe.execute()) if r is not None]
 
     def succeed(self, job_id: str, result: dict[str, Any], progress: dict | None = None) -> bool:
         """Running -> succeeded with a JSON result."""

@@ -25,6 +25,15 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def _keys(raw: str | None) -> tuple[str, ...]:
+    """Comma-separated API keys; blanks dropped, order kept, duplicates removed."""
+    keys = [part.strip() for part in (raw or "").split(",")]
+    for key in keys:
+        if key and any(c.isspace() or not c.isprintable() for c in key):
+            raise SettingsError("IMGSIM_API_KEYS entries must be printable without spaces")
+    return tuple(dict.fromkeys(key for key in keys if key))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Service configuration. Every field maps to one ``IMGSIM_*`` environment variable."""
@@ -46,6 +55,8 @@ class Settings:
     version_grace_s: int = 300
     pixel_cache_bytes: int = 2 * 1024**3
     precision: str = "auto"
+    # Bearer keys; empty means no authentication. Kept out of repr so logs never show them.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -88,4 +99,5 @@ class Settings:
             version_grace_s=_int(env, "IMGSIM_VERSION_GRACE_S", cls.version_grace_s, 0),
             pixel_cache_bytes=_int(env, "IMGSIM_PIXEL_CACHE_BYTES", cls.pixel_cache_bytes, 0),
             precision=precision,
+            api_keys=_keys(env.get("IMGSIM_API_KEYS")),
         )

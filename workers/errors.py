@@ -8,3 +8,7 @@ class JobError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class JobCanceled(Exception):
+    """Raised at a progress report once the job's cancel was requested; ends it ``canceled``."""

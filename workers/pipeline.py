@@ -123,6 +123,8 @@ def run_training(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     namespace = keys.version_namespace(version)
+    # Recorded before anything is written, so a redelivered job can find a half-written version.
+    report({"phase": "save", "version": version})
     try:
         phase_start = time.perf_counter()
         try:

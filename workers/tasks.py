@@ -13,18 +13,24 @@ from shared.jobs import QUERY_TASK, TRAIN_TASK
 from shared.schema import TrainParams
 from workers.celery_app import app, settings
 from workers.context import WorkerContext, get_context
-from workers.errors import JobError
+from workers.errors import JobCanceled, JobError
 
 log = logging.getLogger(__name__)
 
 
 class ThrottledProgress:
-    """Writes progress to the job record at most every ``interval`` seconds (phase changes now)."""
+    """Writes progress to the job record at most every ``interval`` seconds (phase changes now).
 
-    def __init__(self, ctx: WorkerContext, job_id: str, interval: float = 0.5) -> None:
+    With ``cancellable`` each write also reads the job's cancel flag in the same round trip and
+    raises ``JobCanceled`` once it is set, so a training stops at its next batch report.
+    """
+
+    def __init__(self, ctx: WorkerContext, job_id: str, interval: float = 0.5,
+                 cancellable: bool = False) -> None:
         self._ctx = ctx
         self._job_id = job_id
         self._interval = interval
+        self._cancellable = cancellable
         self._last = 0.0
         self._phase = None
         self.state: dict = {}
@@ -37,15 +43,25 @@ class ThrottledProgress:
             self._last = 0.0
         if now - self._last >= self._interval:
             self._last = now
-            self._ctx.jobs.set_progress(self._job_id, self.state)
+            if not self._cancellable:
+                self._ctx.jobs.set_progress(self._job_id, self.state)
+            elif self._ctx.jobs.report_and_check_cancel(self._job_id, self.state):
+                raise JobCanceled(self._job_id)
 
 
 def _run(ctx: WorkerContext, job_id: str, work) -> dict:
     if not ctx.jobs.mark_running(job_id):
         # Finished, canceled or expired already (e.g. a redelivered message): never run twice.
         return {"job_id": job_id, "skipped": True}
+    if ctx.jobs.cancel_requested(job_id):  # asked while the message was being delivered again
+        ctx.jobs.mark_canceled(job_id)
+        return {"job_id": job_id, "status": "canceled"}
     try:
         result, progress = work()
+    except JobCanceled:
+        # Whatever was written is already removed (the pipeline cleans up on any exception).
+        ctx.jobs.mark_canceled(job_id)
+        return {"job_id": job_id, "status": "canceled"}
     except JobError as exc:
         ctx.jobs.fail(job_id, exc.code, exc.message)
         return {"job_id": job_id, "status": "failed"}
@@ -65,12 +81,18 @@ def _run(ctx: WorkerContext, job_id: str, work) -> dict:
 def train(job_id: str, params: dict) -> dict:
     """Train a model version on a folder and activate it (see ``workers.pipeline``)."""
     ctx = get_context(settings)
+    earlier = ctx.jobs.get(job_id)
 
     def work():
         from workers.device import torch_threads  # torch only in the child process
         from workers.pipeline import run_training
+        from workers.redelivery import settle_earlier_attempt
 
-        report = ThrottledProgress(ctx, job_id)
+        if earlier and earlier["status"] == "running":  # redelivered: a worker was lost
+            done = settle_earlier_attempt(settings, ctx.redis, earlier)
+            if done is not None:
+                return done, {**earlier["progress"], "phase": "done"}
+        report = ThrottledProgress(ctx, job_id, cancellable=True)
         # Training gets every core (or IMGSIM_TRAIN_THREADS); queries keep their fair share.
         cores = settings.train_threads or os.cpu_count() or 1
         with torch_threads(cores):

@@ -1,0 +1,310 @@
+"""The OpenAPI 3.1 document of the HTTP API, served at ``GET /openapi.json``.
+
+Adding an endpoint: add its operation to ``PATHS`` (and any new schema to ``SCHEMAS``); the test
+``tests/test_openapi.py`` fails while a Flask route is missing here, and the integration tests
+validate live responses against this document.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from flask import Blueprint, jsonify
+
+from api.services import services
+
+bp = Blueprint("openapi", __name__)
+
+JOB_ID_PATTERN = "^[0-9a-f]{32}$"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/responses/{description}"}
+
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string", "description": "stable machine-readable code"},
+                    "message": {"type": "string", "description": "what went wrong, for people"},
+                    "field": {"type": "string", "description": "the offending parameter"},
+                },
+                "additionalProperties": True,
+            }
+        },
+    },
+    "JobError": {
+        "type": ["object", "null"],
+        "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+    },
+    "Accepted": {
+        "type": "object",
+        "required": ["job_id", "status", "status_url"],
+        "properties": {
+            "job_id": {"type": "string", "pattern": JOB_ID_PATTERN},
+            "status": {"type": "string", "enum": ["queued"]},
+            "status_url": {"type": "string", "description": "poll it: GET /jobs/{job_id}"},
+        },
+    },
+    "JobStatus": {
+        "type": "string",
+        "enum": ["queued", "running", "succeeded", "failed", "canceled"],
+    },
+    "Job": {
+        "type": "object",
+        "required": ["job_id", "type", "status", "progress", "result", "error", "params",
+                     "created_at", "started_at", "finished_at"],
+        "properties": {
+            "job_id": {"type": "string", "pattern": JOB_ID_PATTERN},
+            "type": {"type": "string", "description": "train, query, or another job kind"},
+            "status": _ref("JobStatus"),
+            "progress": {
+                "type": "object",
+                "description": "training: phase (scan, train, save, embed, index, done), epoch, "
+                               "loss, images_done, images_total",
+            },
+            "result": {"type": ["object", "null"],
+                       "description": "the job's JSON result once it succeeded"},
+            "error": _ref("JobError"),
+            "params": {"type": "object", "description": "the validated request parameters"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "started_at": {"type": ["string", "null"], "format": "date-time"},
+            "finished_at": {"type": ["string", "null"], "format": "date-time"},
+            "cancel_requested": {"type": "boolean"},
+        },
+    },
+    "JobList": {
+        "type": "object",
+        "required": ["jobs", "next_cursor"],
+        "properties": {
+            "jobs": {"type": "array", "items": _ref("Job")},
+            "next_cursor": {"type": ["string", "null"],
+                            "description": "pass as ?cursor= for the next page; null at the end"},
+        },
+    },
+    "TrainRequest": {
+        "type": "object",
+        "required": ["dataset"],
+        "additionalProperties": False,
+        "properties": {
+            "dataset": {"type": "string", "minLength": 1,
+                        "description": "folder inside the data root (relative or absolute)"},
+            "architecture": {"type": "string", "enum": ["default", "seed"], "default": "default"},
+            "epochs": {"type": "integer", "minimum": 1, "maximum": 500, "default": 15},
+            "image_size": {"type": "integer", "minimum": 32, "maximum": 512, "default": 64,
+                           "description": "multiple of 16 (default) or 8 (seed)"},
+            "batch_size": {"type": "integer", "minimum": 2, "maximum": 1024, "default": 64},
+            "embedding_dim": {"type": "integer", "minimum": 8, "maximum": 2048, "default": 256},
+            "learning_rate": {"type": "number", "minimum": 1e-6, "maximum": 1.0,
+                              "default": 0.001},
+            "val_fraction": {"type": "number", "minimum": 0.0, "maximum": 0.5, "default": 0.1},
+            "patience": {"type": "integer", "minimum": 1, "maximum": 100, "default": 3},
+            "hash_bits": {"type": ["integer", "null"], "minimum": 2, "maximum": 24},
+            "num_tables": {"type": ["integer", "null"], "minimum": 1, "maximum": 64},
+            "seed": {"type": "integer", "minimum": 0, "maximum": 2147483647, "default": 0},
+        },
+    },
+    "QueryUpload": {
+        "type": "object",
+        "required": ["image"],
+        "properties": {
+            "image": {"type": "string", "format": "binary",
+                      "description": "JPEG, PNG, WebP, GIF, TIFF or BMP (by content)"},
+            "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string", "enum": ["ok"]}},
+    },
+    "Ready": {
+        "type": "object",
+        "required": ["status", "checks"],
+        "properties": {
+            "status": {"type": "string", "enum": ["ready", "not_ready"]},
+            "checks": {
+                "type": "object",
+                "required": ["redis", "workers", "active_model"],
+                "properties": {
+                    "redis": {"type": "boolean"},
+                    "workers": {"type": "integer", "minimum": 0},
+                    "active_model": {"type": ["string", "null"]},
+                },
+            },
+        },
+    },
+}
+
+RESPONSES: dict[str, Any] = {
+    name: _json(_ref("Error"), text)
+    for name, text in {
+        "BadRequest": "invalid input: the error code and field name the problem",
+        "Unauthorized": "missing or invalid 'Authorization: Bearer <key>' (when keys are set)",
+        "NotFound": "no such resource",
+        "Conflict": "the request conflicts with the current state",
+        "TooLarge": "upload over the byte cap, or image over the pixel cap",
+        "Unsupported": "a known image format this service cannot read (e.g. heic, avif)",
+        "ServerError": "unexpected server error (a bug)",
+        "Unavailable": "Redis or the job queue is unreachable",
+    }.items()
+}
+RESPONSES["Unauthorized"]["headers"] = {
+    "WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer challenge"}
+}
+
+_COMMON = {"401": _error("Unauthorized"), "500": _error("ServerError"),
+           "503": _error("Unavailable")}
+_JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True,
+                 "schema": {"type": "string"}, "description": "the id a 202 answer gave"}
+_ACCEPTED = {
+    **_json(_ref("Accepted"), "job recorded and queued"),
+    "headers": {"Location": {"schema": {"type": "string"}, "description": "the status URL"}},
+}
+
+PATHS: dict[str, Any] = {
+    "/healthz": {"get": {
+        "operationId": "healthz", "summary": "Liveness: the process answers",
+        "security": [],
+        "responses": {"200": _json(_ref("Health"), "up"), "500": _error("ServerError")},
+    }},
+    "/readyz": {"get": {
+        "operationId": "readyz",
+        "summary": "Readiness: Redis answers, a worker is alive and a model is active",
+        "security": [],
+        "responses": {"200": _json(_ref("Ready"), "ready"),
+                      "503": _json(_ref("Ready"), "not ready; checks say why"),
+                      "500": _error("ServerError")},
+    }},
+    "/openapi.json": {"get": {
+        "operationId": "openapi", "summary": "This document",
+        "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document"), **_COMMON},
+    }},
+    "/jobs/train": {"post": {
+        "operationId": "createTrainJob",
+        "summary": "Train a model version on a folder, index it and make it active",
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": _ref("TrainRequest")}}},
+        "responses": {"202": _ACCEPTED, "400": _error("BadRequest"),
+                      "413": _error("TooLarge"), **_COMMON},
+    }},
+    "/jobs/query": {"post": {
+        "operationId": "createQueryJob",
+        "summary": "Find the k indexed images most similar to an uploaded one",
+        "requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": _ref("QueryUpload")}}},
+        "responses": {"202": _ACCEPTED, "400": _error("BadRequest"),
+                      "409": _error("Conflict"), "413": _error("TooLarge"),
+                      "415": _error("Unsupported"), **_COMMON},
+    }},
+    "/jobs": {"get": {
+        "operationId": "listJobs", "summary": "Recent jobs, newest first",
+        "parameters": [
+            {"name": "type", "in": "query", "required": False,
+             "schema": {"type": "string", "pattern": "^[a-z][a-z_]{0,31}$"},
+             "description": "only jobs of this type (train, query, ...)"},
+            {"name": "status", "in": "query", "required": False,
+             "schema": _ref("JobStatus")},
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+            {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "next_cursor of the previous page"},
+        ],
+        "responses": {"200": _json(_ref("JobList"), "a page of jobs"),
+                      "400": _error("BadRequest"), **_COMMON},
+    }},
+    "/jobs/{job_id}": {"get": {
+        "operationId": "getJob", "summary": "A job's status, progress, result or error",
+        "parameters": [
+            _JOB_ID_PARAM,
+            {"name": "wait", "in": "query", "required": False,
+             "schema": {"type": "number", "minimum": 0, "maximum": 30, "default": 0},
+             "description": "long-poll: answer when the job ends or after this many seconds"},
+        ],
+        "responses": {"200": _json(_ref("Job"), "the job record"),
+                      "400": _error("BadRequest"), "404": _error("NotFound"), **_COMMON},
+    }},
+    "/jobs/{job_id}/cancel": {"post": {
+        "operationId": "cancelJob",
+        "summary": "Cancel a job: a queued one never runs, a running one stops at the next batch",
+        "parameters": [_JOB_ID_PARAM],
+        "responses": {
+            "202": _json(_ref("Job"), "canceled (was queued) or cancel requested (running)"),
+            "404": _error("NotFound"),
+            "409": _error("Conflict"),
+            **_COMMON,
+        },
+    }},
+    "/images/{image_id}": {"get": {
+        "operationId": "getImage", "summary": "The original file of an indexed image",
+        "parameters": [{"name": "image_id", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {
+            "200": {"description": "the image file", "content": {
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            }},
+            "304": {"description": "not modified (conditional request)"},
+            "404": _error("NotFound"),
+            **_COMMON,
+        },
+    }},
+}
+
+
+def build_spec(auth_required: bool) -> dict[str, Any]:
+    """The OpenAPI 3.1 document.
+
+    Args:
+        auth_required: whether API keys are configured (then bearer auth is required).
+
+    Returns:
+        A fresh JSON-serialisable dict.
+    """
+    spec: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "imgsim",
+            "version": "0.1.0",
+            "description": "Asynchronous image-similarity search. Job-creating endpoints answer "
+                           "202 with a job id; poll or long-poll GET /jobs/{job_id}. Every "
+                           "error is JSON {\"error\": {\"code\", \"message\"}}; unknown routes "
+                           "answer 404 and wrong methods 405 in that form.",
+        },
+        "paths": copy.deepcopy(PATHS),
+        "components": {
+            "schemas": copy.deepcopy(SCHEMAS),
+            "responses": copy.deepcopy(RESPONSES),
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
+                                               "description": "one of IMGSIM_API_KEYS"}},
+        },
+    }
+    if auth_required:
+        spec["security"] = [{"bearerAuth": []}]
+    else:
+        for operations in spec["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("401", None)
+    return spec
+
+
+@bp.get("/openapi.json")
+def openapi_document():
+    """The OpenAPI 3.1 document of this API (bearer auth listed when keys are configured)."""
+    return jsonify(build_spec(bool(services().settings.api_keys)))

@@ -1,0 +1,485 @@
+"""The HTTP contract in-process (Flask test client, real Redis): OpenAPI, errors, auth, limits,
+job listing, cancel, expiry and long-poll."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from openapi_spec_validator import validate as validate_openapi
+from PIL import Image
+
+from api import MAX_FORM_MEMORY_BYTES, create_app
+from api.auth import key_matches
+from api.openapi import build_spec
+from shared.jobs import JobStore, JobType, decode_cursor, encode_cursor
+from shared.keys import Keys
+from shared.registry import ModelRegistry
+from shared.settings import Settings, SettingsError
+from tests.openapi_check import Conformance
+
+MAX_UPLOAD = 64 * 1024
+
+
+def _png(size=(32, 24)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.fixture
+def settings(redis_url, key_prefix, tmp_path) -> Settings:
+    (tmp_path / "data").mkdir()
+    return Settings(redis_url=redis_url, key_prefix=key_prefix, data_root=tmp_path / "data",
+                    artifacts_dir=tmp_path / "artifacts", max_upload_bytes=MAX_UPLOAD)
+
+
+class Client:
+    """A Flask test client whose every answer is checked against the served OpenAPI document."""
+
+    def __init__(self, app, headers=None) -> None:
+        self.app = app
+        self.client = app.test_client()
+        self.headers = headers or {}
+        spec_response = self.client.get("/openapi.json", headers=self.headers)
+        assert spec_response.status_code == 200, spec_response.get_data()
+        self.conformance = Conformance(spec_response.get_json())
+
+    def request(self, method: str, path: str, **kwargs):
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        response = self.client.open(path, method=method, headers=headers, **kwargs)
+        self.conformance.check_flask(method, path, response)
+        return response
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, **kw):
+        return self.request("POST", path, **kw)
+
+
+@pytest.fixture
+def client(settings) -> Client:
+    return Client(create_app(settings))
+
+
+@pytest.fixture
+def store(settings, redis_client) -> JobStore:
+    return JobStore(redis_client, Keys(settings.key_prefix), settings.job_ttl_s)
+
+
+# --------------------------------------------------------------------------- OpenAPI document
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_openapi_document_is_valid_openapi_3_1(auth):
+    spec = build_spec(auth)
+    assert spec["openapi"].startswith("3.1")
+    validate_openapi(spec)
+
+
+def test_every_flask_route_and_method_is_documented(settings):
+    app = create_app(settings)
+    spec = build_spec(False)
+    documented = {(path, method) for path, ops in spec["paths"].items() for method in ops}
+    routed = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = rule.rule.replace("<", "{").replace(">", "}")
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            routed.add((path, method.lower()))
+    assert routed == documented, (
+        f"routes missing from api/openapi.py: {sorted(routed - documented)}; "
+        f"documented but not routed: {sorted(documented - routed)}")
+
+
+def test_every_operation_documents_its_errors():
+    for path, ops in build_spec(True)["paths"].items():
+        for method, op in ops.items():
+            codes = set(op["responses"])
+            assert "500" in codes, (path, method)
+            if op.get("security") != []:
+                assert {"401", "503"} <= codes, (path, method)
+            for param in op.get("parameters", []):
+                assert param.get("schema"), (path, method, param)
+
+
+# --------------------------------------------------------------------------- every error is JSON
+
+
+@pytest.mark.parametrize(("method", "path", "status", "code"), [
+    ("GET", "/nope", 404, "not_found"),
+    ("GET", "/jobs/abc/def/ghi", 404, "not_found"),
+    ("DELETE", "/jobs/train", 405, "method_not_allowed"),
+    ("GET", "/jobs/query/cancel", 405, "method_not_allowed"),
+    ("PUT", "/healthz", 405, "method_not_allowed"),
+])
+def test_unknown_routes_and_methods_answer_json(client, method, path, status, code):
+    response = client.request(method, path)
+    assert response.status_code == status
+    assert response.is_json
+    assert response.get_json()["error"]["code"] == code
+    assert response.get_json()["error"]["message"]
+    if status == 405:
+        assert "Allow" in response.headers
+
+
+def test_train_with_a_non_json_body_is_json_400(client):
+    response = client.post("/jobs/train", data="dataset=x", content_type="text/plain")
+    assert response.status_code == 400
+    assert response.get_json()["error"]["code"] == "invalid_json"
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_upload_over_the_byte_cap_is_413_json(client):
+    big = b"\xff\xd8\xff" + b"\0" * (MAX_UPLOAD + 1)
+    response = client.post("/jobs/query", data={"image": (io.BytesIO(big), "big.jpg")})
+    assert response.status_code == 413
+    assert response.get_json()["error"]["code"] == "payload_too_large"
+    assert f"{MAX_UPLOAD:,}" in response.get_json()["error"]["message"]
+
+
+def test_body_over_max_content_length_is_413_json_naming_the_limit(client):
+    big = b"\0" * (MAX_UPLOAD + 128 * 1024)
+    response = client.post("/jobs/query", data={"image": (io.BytesIO(big), "big.jpg")})
+    assert response.status_code == 413
+    body = response.get_json()["error"]
+    assert body["code"] == "payload_too_large" and "upload limit" in body["message"]
+
+
+def test_huge_text_field_hits_the_form_memory_limit_as_413_json(client):
+    # Werkzeug >= 3.1 refuses non-file form fields over max_form_memory_size with a 413 page.
+    response = client.post("/jobs/query", data={"image": (io.BytesIO(_png()), "a.png"),
+                                                "k": "1" * (MAX_FORM_MEMORY_BYTES + 10)})
+    assert response.status_code == 413
+    body = response.get_json()["error"]
+    assert body["code"] == "payload_too_large"
+    assert "form field" in body["message"] and f"{MAX_FORM_MEMORY_BYTES:,}" in body["message"]
+
+
+def test_image_sent_as_text_field_is_told_to_use_a_file_part(client):
+    response = client.post("/jobs/query", data={"image": "not a file part"})
+    assert response.status_code == 400
+    assert response.get_json()["error"]["code"] == "missing_image"
+
+
+def test_empty_file_name_means_no_file(client):
+    response = client.post("/jobs/query", data={"image": (io.BytesIO(_png()), "")})
+    assert response.status_code == 400
+    assert response.get_json()["error"]["message"].startswith("no file")
+
+
+def test_pixel_cap_from_the_header_is_413(settings):
+    small_cap = Client(create_app(Settings(**{**settings.__dict__, "max_image_pixels": 100})))
+    response = small_cap.post("/jobs/query", data={"image": (io.BytesIO(_png((20, 10))), "a.png")})
+    assert response.status_code == 413
+    error = response.get_json()["error"]
+    assert error["code"] == "image_too_large" and "20x10" in error["message"]
+
+
+def _ftyp(major: bytes, *compatible: bytes) -> bytes:
+    brands = major + b"\0\0\0\0" + b"".join(compatible)
+    box = (8 + len(brands)).to_bytes(4, "big") + b"ftyp" + brands
+    return box + b"\0\0\0\x08mdat"
+
+
+@pytest.mark.parametrize(("data", "family", "name"), [
+    (_ftyp(b"heic", b"mif1", b"heic"), "HEIF", "heic"),
+    (_ftyp(b"mif1", b"mif1"), "HEIF", "heif"),
+    (_ftyp(b"avif", b"mif1", b"avif"), "AVIF", "avif"),
+    (_ftyp(b"mif1", b"avif"), "AVIF", "avif"),
+])
+def test_heic_and_avif_without_a_plugin_are_415_naming_the_format(client, data, family, name):
+    from shared.images import OPTIONAL_READABLE
+
+    if family in OPTIONAL_READABLE:
+        pytest.skip(f"{family} is readable here (plugin or Pillow's own codec)")
+    response = client.post("/jobs/query", data={"image": (io.BytesIO(data), "photo")})
+    assert response.status_code == 415
+    error = response.get_json()["error"]
+    assert error["code"] == "unsupported_format" and name in error["message"]
+
+
+def test_avif_follows_the_codec_pillow_was_built_with(client):
+    from PIL import features
+
+    out = io.BytesIO()
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF codec (the 415 test covers it)")
+    Image.new("RGB", (20, 10), (10, 200, 10)).save(out, "AVIF")
+    response = client.post("/jobs/query", data={"image": (io.BytesIO(out.getvalue()), "a.avif")})
+    # Decoded fine, so the answer is about the missing model, not the format.
+    assert response.status_code == 409, response.get_json()
+
+
+# --------------------------------------------------------------------------- auth
+
+
+def test_api_keys_are_parsed_from_the_environment():
+    assert Settings.from_env({"IMGSIM_API_KEYS": " k1, ,k2,k1 "}).api_keys == ("k1", "k2")
+    assert Settings.from_env({}).api_keys == ()
+    assert "k1" not in repr(Settings.from_env({"IMGSIM_API_KEYS": "k1"}))
+    with pytest.raises(SettingsError):
+        Settings.from_env({"IMGSIM_API_KEYS": "has space"})
+
+
+@pytest.fixture
+def keyed_app(settings):
+    return create_app(Settings(**{**settings.__dict__, "api_keys": ("alpha-key", "beta-key")}))
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/jobs", f"/jobs/{'0' * 32}", "/nope",
+                                  f"/images/{'0' * 24}"])
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "Basic YWxwaGEta2V5", "Bearer",
+                                    "alpha-key", "Bearer alpha-key2"])
+def test_without_a_valid_key_every_endpoint_is_401_json(keyed_app, path, header):
+    headers = {"Authorization": header} if header else {}
+    response = keyed_app.test_client().get(path, headers=headers)
+    assert response.status_code == 401
+    assert response.get_json()["error"]["code"] in {"unauthorized", "invalid_api_key"}
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_post_without_key_is_refused_before_anything_is_recorded(keyed_app, redis_client,
+                                                                 settings):
+    response = keyed_app.test_client().post("/jobs/train", json={"dataset": "x"})
+    assert response.status_code == 401
+    assert redis_client.zcard(Keys(settings.key_prefix).jobs_index()) == 0
+
+
+@pytest.mark.parametrize("key", ["alpha-key", "beta-key"])
+def test_any_configured_key_is_accepted_and_answers_conform(keyed_app, key):
+    client = Client(keyed_app, headers={"Authorization": f"Bearer {key}"})
+    assert client.conformance.spec["security"] == [{"bearerAuth": []}]
+    assert client.get("/jobs").status_code == 200
+    assert client.get(f"/jobs/{'0' * 32}").status_code == 404
+    assert client.get("/nope").status_code == 404
+    assert client.get("/healthz").status_code == 200
+    assert client.request("GET", "/jobs", headers={"Authorization": "bearer  " + key}) \
+        .status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_health_needs_no_key(keyed_app, path):
+    response = keyed_app.test_client().get(path)
+    assert response.status_code in (200, 503)
+    assert response.get_json()["status"] in {"ok", "ready", "not_ready"}
+
+
+def test_key_comparison_is_over_digests_in_constant_time():
+    import hashlib
+
+    import api.auth as auth
+
+    digests = (hashlib.sha256(b"alpha").digest(), hashlib.sha256(b"beta").digest())
+    assert key_matches("beta", digests) and key_matches("alpha", digests)
+    assert not key_matches("alph", digests) and not key_matches("", digests)
+    assert "compare_digest" in Path(auth.__file__).read_text()
+
+
+def test_without_keys_the_spec_has_no_security_requirement(client):
+    assert "security" not in client.conformance.spec
+    assert client.get("/jobs").status_code == 200
+
+
+# --------------------------------------------------------------------------- GET /jobs
+
+
+def _finish(store: JobStore, job_id: str) -> None:
+    assert store.mark_running(job_id)
+    assert store.succeed(job_id, {"ok": True})
+
+
+def test_jobs_are_listed_newest_first_with_filters_and_cursor(client, store):
+    made = []
+    for i in range(7):
+        job = store.create(JobType.TRAIN if i % 2 else JobType.QUERY, {"i": i})
+        made.append(job["job_id"])
+        time.sleep(0.002)
+    _finish(store, made[1])
+    listed = client.get("/jobs").get_json()
+    assert [j["job_id"] for j in listed["jobs"]] == made[::-1]
+    assert listed["next_cursor"] is None
+    trains = client.get("/jobs?type=train").get_json()["jobs"]
+    assert [j["job_id"] for j in trains] == [made[5], made[3], made[1]]
+    done = client.get("/jobs?status=succeeded&type=train").get_json()["jobs"]
+    assert [j["job_id"] for j in done] == [made[1]]
+    assert client.get("/jobs?type=evaluate").get_json() == {"jobs": [], "next_cursor": None}
+    pages, cursor = [], None
+    while True:
+        url = "/jobs?limit=3" + (f"&cursor={cursor}" if cursor else "")
+        page = client.get(url).get_json()
+        pages.append([j["job_id"] for j in page["jobs"]])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert [i for page in pages for i in page] == made[::-1]
+    assert [len(p) for p in pages][:2] == [3, 3]
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=101", "limit=x", "status=done",
+                                   "type=Train!", "cursor=garbage", "cursor=" + "A" * 8])
+def test_bad_list_parameters_are_400_naming_the_field(client, query):
+    response = client.get(f"/jobs?{query}")
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["code"] == "invalid_parameter" and error["field"] == query.split("=")[0]
+
+
+def test_cursor_round_trip_and_rejection():
+    cursor = encode_cursor(1733280000.123456, "a" * 32)
+    assert decode_cursor(cursor) == (1733280000.123456, "a" * 32)
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def test_cancel_queued_job_ends_it_at_once_and_drops_its_upload(client, store, settings,
+                                                               redis_client):
+    job = store.create(JobType.QUERY, {"k": 1})
+    upload = Keys(settings.key_prefix).upload(job["job_id"])
+    redis_client.set(upload, b"bytes", ex=60)
+    response = client.post(f"/jobs/{job['job_id']}/cancel")
+    assert response.status_code == 202
+    body = response.get_json()
+    assert body["status"] == "canceled" and body["cancel_requested"] is True
+    assert body["error"]["code"] == "canceled" and body["finished_at"]
+    assert redis_client.exists(upload) == 0
+    assert not store.mark_running(job["job_id"]), "a canceled job must never start"
+    again = client.post(f"/jobs/{job['job_id']}/cancel")
+    assert again.status_code == 409 and again.get_json()["error"]["code"] == "job_finished"
+
+
+def test_cancel_running_job_asks_the_worker(client, store):
+    job = store.create(JobType.TRAIN, {})
+    assert store.mark_running(job["job_id"])
+    response = client.post(f"/jobs/{job['job_id']}/cancel")
+    assert response.status_code == 202
+    assert response.get_json()["status"] == "running"
+    assert response.get_json()["cancel_requested"] is True
+    assert store.report_and_check_cancel(job["job_id"], {"phase": "train"})
+    assert store.mark_canceled(job["job_id"])
+    assert store.get(job["job_id"])["status"] == "canceled"
+    assert client.post(f"/jobs/{job['job_id']}/cancel").status_code == 409
+
+
+@pytest.mark.parametrize("ending", ["succeed", "fail"])
+def test_cancel_finished_job_is_409(client, store, ending):
+    job = store.create(JobType.TRAIN, {})
+    store.mark_running(job["job_id"])
+    if ending == "succeed":
+        store.succeed(job["job_id"], {})
+    else:
+        store.fail(job["job_id"], "x", "y")
+    response = client.post(f"/jobs/{job['job_id']}/cancel")
+    assert response.status_code == 409
+    assert response.get_json()["error"]["code"] == "job_finished"
+    assert store.get(job["job_id"])["status"] != "canceled"
+
+
+@pytest.mark.parametrize("job_id", ["0" * 32, "not-an-id"])
+def test_cancel_unknown_job_is_404(client, job_id):
+    response = client.post(f"/jobs/{job_id}/cancel")
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "job_not_found"
+
+
+def test_progress_of_an_uncanceled_job_reports_no_cancel(store):
+    job = store.create(JobType.TRAIN, {})
+    store.mark_running(job["job_id"])
+    assert not store.report_and_check_cancel(job["job_id"], {"phase": "train", "epoch": 1})
+    assert store.get(job["job_id"])["progress"] == {"phase": "train", "epoch": 1}
+
+
+# --------------------------------------------------------------------------- expiry
+
+
+def test_records_expire_and_the_index_is_trimmed(redis_client, settings):
+    keys = Keys(settings.key_prefix)
+    short = JobStore(redis_client, keys, ttl_s=1)
+    old = short.create(JobType.QUERY, {})
+    assert 0 < redis_client.ttl(keys.job(old["job_id"])) <= 1
+    time.sleep(1.2)
+    assert short.get(old["job_id"]) is None
+    # A late progress write (a worker still running) must not resurrect the record.
+    short.set_progress(old["job_id"], {"phase": "train"})
+    assert redis_client.exists(keys.job(old["job_id"])) == 0
+    assert short.report_and_check_cancel(old["job_id"], {"phase": "train"})
+    assert redis_client.exists(keys.job(old["job_id"])) == 0
+    new = short.create(JobType.QUERY, {})  # creating trims ids older than the TTL
+    members = [m.decode() for m in redis_client.zrange(keys.jobs_index(), 0, -1)]
+    assert members == [new["job_id"]]
+    jobs, cursor = short.list_jobs()
+    assert [j["job_id"] for j in jobs] == [new["job_id"]] and cursor is None
+
+
+def test_listing_drops_ids_whose_record_vanished(store, redis_client, settings):
+    keys = Keys(settings.key_prefix)
+    gone = store.create(JobType.QUERY, {})
+    kept = store.create(JobType.QUERY, {})
+    redis_client.delete(keys.job(gone["job_id"]))
+    jobs, _ = store.list_jobs()
+    assert [j["job_id"] for j in jobs] == [kept["job_id"]]
+    assert redis_client.zscore(keys.jobs_index(), gone["job_id"]) is None
+
+
+def test_default_ttl_is_24_hours_and_configurable():
+    assert Settings().job_ttl_s == 86400
+    assert Settings.from_env({"IMGSIM_JOB_TTL_S": "120"}).job_ttl_s == 120
+    assert Settings.from_env({"IMGSIM_UPLOAD_TTL_S": "90"}).upload_ttl_s == 90
+
+
+# --------------------------------------------------------------------------- long-poll
+
+
+def test_long_poll_answers_as_soon_as_the_job_ends(client, store):
+    job = store.create(JobType.TRAIN, {})
+    store.mark_running(job["job_id"])
+    timer = threading.Timer(0.4, lambda: store.succeed(job["job_id"], {"done": 1}))
+    timer.start()
+    started = time.monotonic()
+    response = client.get(f"/jobs/{job['job_id']}?wait=10")
+    elapsed = time.monotonic() - started
+    timer.join()
+    assert response.status_code == 200 and response.get_json()["status"] == "succeeded"
+    assert 0.3 < elapsed < 3, elapsed
+
+
+def test_long_poll_gives_up_after_n_seconds(client, store):
+    job = store.create(JobType.TRAIN, {})
+    started = time.monotonic()
+    response = client.get(f"/jobs/{job['job_id']}?wait=0.5")
+    assert 0.45 < time.monotonic() - started < 2.5
+    assert response.get_json()["status"] == "queued"
+
+
+def test_long_poll_wakes_on_cancel_of_a_queued_job(client, store):
+    job = store.create(JobType.TRAIN, {})
+    timer = threading.Timer(0.3, lambda: store.request_cancel(job["job_id"]))
+    timer.start()
+    started = time.monotonic()
+    response = client.get(f"/jobs/{job['job_id']}?wait=10")
+    timer.join()
+    assert response.get_json()["status"] == "canceled"
+    assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("wait", ["31", "-1", "nan", "abc", "inf"])
+def test_bad_wait_is_400(client, store, wait):
+    job = store.create(JobType.TRAIN, {})
+    response = client.get(f"/jobs/{job['job_id']}?wait={wait}")
+    assert response.status_code == 400 and response.get_json()["error"]["field"] == "wait"
+
+
+def test_query_without_an_active_model_is_409_and_records_nothing(client, store, settings,
+                                                                  redis_client):
+    assert ModelRegistry(redis_client, Keys(settings.key_prefix)).active_version() is None
+    response = client.post("/jobs/query", data={"image": (io.BytesIO(_png()), "a.png")})
+    assert response.status_code == 409
+    assert store.list_jobs() == ([], None)
