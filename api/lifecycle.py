@@ -37,12 +37,12 @@ def _limit(raw: str | None) -> int:
 def list_jobs():
     """Recent jobs, newest first: ``?type=&status=&limit=&cursor=``; 200 with next_cursor."""
     args = request.args
-    job_type = args.get("type") or None
+    job_type = args.get("type")
     if job_type is not None and not JOB_TYPE.match(job_type):
         raise ApiError(400, "invalid_parameter",
                        "type must be a job type such as " + ", ".join(str(t) for t in JobType),
                        field="type")
-    status = args.get("status") or None
+    status = args.get("status")
     if status is not None and status not in STATUSES:
         raise ApiError(400, "invalid_parameter", "status must be one of " + ", ".join(STATUSES),
                        field="status")

@@ -17,7 +17,7 @@ class ValidationError(ValueError):
 
 def _int_field(data: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
     value = data.get(name, default)
-    if value is None:
+    if value is None and default is None:  # only optional-without-default fields take null
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(name, f"must be an integer between {lo} and {hi}")

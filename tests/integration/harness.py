@@ -40,18 +40,27 @@ class Processes:
         self.procs[name] = proc
         return proc
 
-    def start_worker(self, name: str, concurrency: int = 1) -> subprocess.Popen:
+    def start_worker(self, name: str, concurrency: int = 1,
+                     queues: str | None = None) -> subprocess.Popen:
+        """A Celery worker; ``queues`` (comma-separated full names) limits what it consumes."""
         return self._spawn(name, [
             str(BIN / "celery"), "-A", "workers.celery_app", "worker", "--loglevel=INFO",
             "-n", f"{name}@%h", f"--concurrency={concurrency}", "--without-gossip",
-            "--without-mingle",
+            "--without-mingle", *(["-Q", queues] if queues else []),
         ])
 
-    def start_api(self, port: int) -> subprocess.Popen:
-        return self._spawn("api", [
-            str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
-            "--timeout", "60", "api.wsgi:app",
-        ])
+    def start_api(self, port: int, name: str = "api",
+                  env: dict[str, str] | None = None) -> subprocess.Popen:
+        """gunicorn on ``port``; ``env`` adds variables for this process only."""
+        saved = self.env
+        self.env = {**saved, **(env or {})}
+        try:
+            return self._spawn(name, [
+                str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
+                "--timeout", "60", "api.wsgi:app",
+            ])
+        finally:
+            self.env = saved
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         proc = self.procs.pop(name, None)
