@@ -14,7 +14,9 @@ from shared.settings import Settings
 # Multipart framing around the file; the file itself is checked against max_upload_bytes.
 MULTIPART_OVERHEAD = 64 * 1024
 # Werkzeug's limits on the non-file part of a form, set explicitly (413 JSON beyond them).
-MAX_FORM_MEMORY_BYTES = 64 * 1024
+# The multipart decoder also applies the memory limit to its read buffer (64 KiB reads plus
+# what it holds back), so it must stay well above 64 KiB or every large file part is refused.
+MAX_FORM_MEMORY_BYTES = 512 * 1024
 MAX_FORM_PARTS = 1000
 
 

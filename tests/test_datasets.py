@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import stat
 import threading
 import time
@@ -28,6 +27,7 @@ from shared.datasets import (
     resolve_dataset,
 )
 from shared.images import ImageDecodeError, decode_image, load_for_model, read_file_bytes
+from tests.fixture_folders import LATIN1_NAME, build_messy_training_folder
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(
@@ -35,7 +35,6 @@ FIXTURES = Path(
 )
 MAX_PIXELS = 40_000_000
 MAX_BYTES = 10_000_000
-LATIN1_NAME = os.fsdecode(b"caf\xe9_latin1.jpg")
 LATIN1_SHOWN = "caf\\xe9_latin1.jpg"  # the manifest writes the byte as the text \xe9
 # Candidates at scan level that the decoder must refuse (formats are decided by content).
 DECODER_REJECTS = {"dogs/notes.txt", "dogs/empty.jpg", "dogs/truncated.jpg", "dogs/not_really.jpg"}
@@ -72,21 +71,7 @@ def train_root(tmp_path: Path) -> Path:
     source = FIXTURES / "train_folder"
     if not source.is_dir():
         pytest.fail(f"training-folder fixture missing: {source}")
-    root = tmp_path / "data" / "train_folder"
-    shutil.copytree(source, root, symlinks=True)
-    for folder, _dirs, files in os.walk(root):  # the shipped copy is read-only
-        os.chmod(folder, 0o755)
-        for name in files:
-            path = os.path.join(folder, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o644)
-    os.symlink("..", root / "cats" / "loop_to_train_folder")
-    (root / "encoding").mkdir()
-    (root / "encoding" / LATIN1_NAME).write_bytes((root / "cats" / "cat_01.jpg").read_bytes())
-    (root / "empty_class").mkdir()
-    (root / "dogs" / "broken_link.jpg").unlink()
-    os.symlink("no_such_dog.jpg", root / "dogs" / "broken_link.jpg")
-    return root.resolve()
+    return build_messy_training_folder(source, tmp_path / "data" / "train_folder")
 
 
 def _scan(root: Path, budget_s: float = 5.0) -> list[Candidate | Skipped]:
