@@ -10,8 +10,10 @@ from flask import Flask, request
 
 from api.errors import error_response
 
-# Liveness and readiness stay open so orchestrators can probe without a key.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# Liveness and readiness stay open so orchestrators can probe without a key; so do the web
+# page's static files (no data in them: every call the page makes goes through the JSON API).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/"})
+PUBLIC_PREFIXES = ("/static/",)
 CHALLENGE = 'Bearer realm="imgsim"'
 
 
@@ -55,7 +57,7 @@ def register(app: Flask, keys: Sequence[str]) -> None:
 
     @app.before_request
     def _require_bearer_key():
-        if request.path in PUBLIC_PATHS:
+        if request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):
             return None
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.strip().partition(" ")

@@ -127,7 +127,68 @@ SCHEMAS: dict[str, Any] = {
             "image": {"type": "string", "format": "binary",
                       "description": "JPEG, PNG, WebP, GIF, TIFF or BMP (by content)"},
             "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
+            "probes": {"type": "integer", "minimum": 0, "maximum": 175,
+                       "description": "multi-probe depth per table (default: the version's)"},
+            "exact": {"type": "string", "enum": ["true", "false", "1", "0", "yes", "no"],
+                      "description": "scan every vector instead of the LSH tables"},
         },
+        "description": "several 'image' parts make a batch: result {\"batch\": [...]}",
+    },
+    "QueryById": {
+        "type": "object",
+        "required": ["image_id"],
+        "additionalProperties": False,
+        "properties": {
+            "image_id": {"type": "string", "pattern": "^[0-9a-f]{24}$"},
+            "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
+            "probes": {"type": "integer", "minimum": 0, "maximum": 175},
+            "exact": {"type": "boolean", "default": False},
+        },
+    },
+    "IndexFolder": {
+        "type": "object",
+        "required": ["dataset"],
+        "additionalProperties": False,
+        "properties": {"dataset": {"type": "string",
+                                   "description": "folder inside the data root"}},
+    },
+    "IndexUploads": {
+        "type": "object",
+        "required": ["image"],
+        "properties": {"image": {"type": "array", "maxItems": 64,
+                                 "items": {"type": "string", "format": "binary"}}},
+    },
+    "Deleted": {
+        "type": "object",
+        "required": ["image_id", "deleted"],
+        "properties": {"image_id": {"type": "string"}, "deleted": {"type": "boolean"},
+                       "versions": {"type": "array", "items": {"type": "string"}}},
+    },
+    "ModelList": {
+        "type": "object",
+        "required": ["active", "models"],
+        "properties": {
+            "active": {"type": ["string", "null"]},
+            "models": {"type": "array", "items": {
+                "type": "object",
+                "required": ["version", "active"],
+                "properties": {
+                    "version": {"type": "string"},
+                    "created_at": {"type": ["string", "null"]},
+                    "images": {"type": ["integer", "null"]},
+                    "embedding_dim": {"type": ["integer", "null"]},
+                    "architecture": {"type": ["string", "null"]},
+                    "train_params": {"type": ["object", "null"]},
+                    "quality": {"type": ["object", "null"]},
+                    "active": {"type": "boolean"},
+                },
+            }},
+        },
+    },
+    "Activated": {
+        "type": "object",
+        "required": ["active", "previous"],
+        "properties": {"active": {"type": "string"}, "previous": {"type": ["string", "null"]}},
     },
     "Health": {
         "type": "object",
@@ -208,10 +269,40 @@ PATHS: dict[str, Any] = {
         "operationId": "createQueryJob",
         "summary": "Find the k indexed images most similar to an uploaded one",
         "requestBody": {"required": True, "content": {
-            "multipart/form-data": {"schema": _ref("QueryUpload")}}},
+            "multipart/form-data": {"schema": _ref("QueryUpload")},
+            "application/json": {"schema": _ref("QueryById")}}},
+        "responses": {"202": _ACCEPTED, "400": _error("BadRequest"),
+                      "404": _error("NotFound"), "409": _error("Conflict"),
+                      "413": _error("TooLarge"), "415": _error("Unsupported"), **_COMMON},
+    }},
+    "/jobs/index": {"post": {
+        "operationId": "createIndexJob",
+        "summary": "Add a folder or uploaded images to the active version without retraining",
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": _ref("IndexFolder")},
+            "multipart/form-data": {"schema": _ref("IndexUploads")}}},
         "responses": {"202": _ACCEPTED, "400": _error("BadRequest"),
                       "409": _error("Conflict"), "413": _error("TooLarge"),
                       "415": _error("Unsupported"), **_COMMON},
+    }},
+    "/models": {"get": {
+        "operationId": "listModels", "summary": "Every model version, newest first",
+        "responses": {"200": _json(_ref("ModelList"), "the versions"), **_COMMON},
+    }},
+    "/models/{version}/activate": {"post": {
+        "operationId": "activateModel",
+        "summary": "Make a complete registered version the active one (rollback)",
+        "parameters": [{"name": "version", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": _json(_ref("Activated"), "switched"),
+                      "404": _error("NotFound"), "409": _error("Conflict"), **_COMMON},
+    }},
+    "/": {"get": {
+        "operationId": "webPage", "summary": "The web page (static HTML)",
+        "security": [],
+        "responses": {"200": {"description": "HTML", "content": {
+            "text/html": {"schema": {"type": "string"}}}},
+            "304": {"description": "not modified"}, "500": _error("ServerError")},
     }},
     "/jobs": {"get": {
         "operationId": "listJobs", "summary": "Recent jobs, newest first",
@@ -252,18 +343,28 @@ PATHS: dict[str, Any] = {
         },
     }},
     "/images/{image_id}": {"get": {
-        "operationId": "getImage", "summary": "The original file of an indexed image",
+        "operationId": "getImage",
+        "summary": "The original file of an indexed image, or a JPEG thumbnail with ?size=N",
         "parameters": [{"name": "image_id", "in": "path", "required": True,
-                        "schema": {"type": "string"}}],
+                        "schema": {"type": "string"}},
+                       {"name": "size", "in": "query", "required": False,
+                        "schema": {"type": "integer", "minimum": 16, "maximum": 1024}}],
         "responses": {
             "200": {"description": "the image file", "content": {
                 "image/*": {"schema": {"type": "string", "format": "binary"}},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             }},
             "304": {"description": "not modified (conditional request)"},
+            "400": _error("BadRequest"),
             "404": _error("NotFound"),
             **_COMMON,
         },
+    }, "delete": {
+        "operationId": "deleteImage", "summary": "Remove an image from every version holding it",
+        "parameters": [{"name": "image_id", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": _json(_ref("Deleted"), "deleted"), "404": _error("NotFound"),
+                      **_COMMON},
     }},
 }
 

@@ -269,7 +269,7 @@ def keyed_app(settings):
 
 
 @pytest.mark.parametrize("path", ["/openapi.json", "/jobs", f"/jobs/{'0' * 32}", "/nope",
-                                  f"/images/{'0' * 24}"])
+                                  f"/images/{'0' * 24}", "/models", "/static"])
 @pytest.mark.parametrize("header", [None, "Bearer wrong", "Basic YWxwaGEta2V5", "Bearer",
                                     "alpha-key", "Bearer alpha-key2"])
 def test_without_a_valid_key_every_endpoint_is_401_json(keyed_app, path, header):
@@ -304,6 +304,15 @@ def test_health_needs_no_key(keyed_app, path):
     response = keyed_app.test_client().get(path)
     assert response.status_code in (200, 503)
     assert response.get_json()["status"] in {"ok", "ready", "not_ready"}
+
+
+@pytest.mark.parametrize("path", ["/", "/static/app.js"])
+def test_the_web_page_files_need_no_key_but_its_api_calls_do(keyed_app, path):
+    client = keyed_app.test_client()
+    response = client.get(path)
+    assert response.status_code == 200
+    response.close()
+    assert client.get("/models").status_code == 401
 
 
 def test_key_comparison_is_over_digests_in_constant_time():
