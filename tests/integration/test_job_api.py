@@ -107,6 +107,8 @@ def stack(tmp_path_factory, redis_url):
         "IMGSIM_DATA_ROOT": str(root), "IMGSIM_ARTIFACTS_DIR": str(artifacts),
         "IMGSIM_TORCH_THREADS": "1", "IMGSIM_TRAIN_THREADS": "1",
         "IMGSIM_WORKER_CONCURRENCY": "1", "IMGSIM_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+        # Queries go through the LSH tables in Redis even for this small collection.
+        "IMGSIM_LSH_MIN_ROWS": "0",
     }
     procs = Processes(env, tmp_path_factory.mktemp("logs"))
     client = redis.Redis.from_url(redis_url)
