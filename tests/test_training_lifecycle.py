@@ -64,7 +64,9 @@ def test_cancel_at_any_phase_leaves_nothing_and_keeps_the_previous_model(setup, 
         run_training(settings, redis_client, _params(seed=1), torch.device("cpu"), report)
     assert registry.active_version() == first["version"]
     assert registry.versions() == [first["version"]]
-    assert sorted(p.name for p in settings.artifacts_dir.iterdir()) == [first["version"]]
+    # The decoded-pixel cache is shared by every training, not a partial artifact of this one.
+    left = sorted(p.name for p in settings.artifacts_dir.iterdir() if p.name != "cache")
+    assert left == [first["version"]]
     if "version" in seen:  # from the save phase on a version id existed: none of its keys stay
         assert _version_keys(redis_client, keys, seen["version"]) == 0
     assert _version_keys(redis_client, keys, first["version"]) > 0
