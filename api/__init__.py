@@ -59,7 +59,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["imgsim"] = Services(settings)
 
-    from api import auth, errors, health, images, index, jobs, lifecycle, models, openapi, web
+    from api import (
+        auth,
+        errors,
+        evaluation,
+        health,
+        images,
+        index,
+        jobs,
+        lifecycle,
+        models,
+        openapi,
+        web,
+    )
 
     errors.register(app)
     auth.register(app, settings.api_keys)
@@ -70,5 +82,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(models.bp)
     app.register_blueprint(web.bp)
     app.register_blueprint(index.bp)
+    app.register_blueprint(evaluation.bp)
     app.register_blueprint(openapi.bp)
     return app

@@ -72,7 +72,7 @@ SCHEMAS: dict[str, Any] = {
                      "created_at", "started_at", "finished_at"],
         "properties": {
             "job_id": {"type": "string", "pattern": JOB_ID_PATTERN},
-            "type": {"type": "string", "description": "train, query, or another job kind"},
+            "type": {"type": "string", "description": "train, query, index, evaluate"},
             "status": _ref("JobStatus"),
             "progress": {
                 "type": "object",
@@ -118,6 +118,21 @@ SCHEMAS: dict[str, Any] = {
             "hash_bits": {"type": ["integer", "null"], "minimum": 2, "maximum": 24},
             "num_tables": {"type": ["integer", "null"], "minimum": 1, "maximum": 64},
             "seed": {"type": "integer", "minimum": 0, "maximum": 2147483647, "default": 0},
+        },
+    },
+    "EvaluateRequest": {
+        "type": "object",
+        "required": ["dataset"],
+        "additionalProperties": False,
+        "properties": {
+            "dataset": {"type": "string", "minLength": 1,
+                        "description": "folder of query images inside the data root; a query "
+                                       "that is itself indexed never counts itself"},
+            "labels": {"type": ["string", "null"], "minLength": 1,
+                       "description": "CSV with a header naming 'path' and 'class' (paths "
+                                      "relative to the CSV's folder), inside the data root; "
+                                      "default: class = first folder of each image's path"},
+            "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
         },
     },
     "QueryUpload": {
@@ -284,6 +299,16 @@ PATHS: dict[str, Any] = {
         "responses": {"202": _ACCEPTED, "400": _error("BadRequest"),
                       "409": _error("Conflict"), "413": _error("TooLarge"),
                       "415": _error("Unsupported"), **_COMMON},
+    }},
+    "/jobs/evaluate": {"post": {
+        "operationId": "createEvaluateJob",
+        "summary": "Measure the active model's precision/mAP at k on labelled query images, "
+                   "exact and through LSH, against a random ranking, a tiny-image and a "
+                   "colour-histogram baseline; the figures are stored with the model",
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": _ref("EvaluateRequest")}}},
+        "responses": {"202": _ACCEPTED, "400": _error("BadRequest"),
+                      "409": _error("Conflict"), "413": _error("TooLarge"), **_COMMON},
     }},
     "/models": {"get": {
         "operationId": "listModels", "summary": "Every model version, newest first",

@@ -18,6 +18,30 @@ class DatasetError(ValueError):
         self.message = message
 
 
+def _resolve_inside(data_root: Path, raw: str, field: str) -> Path:
+    """Resolve a user-given path, relative to the data root or absolute inside it."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise DatasetError(f"invalid_{field}", f"'{field}' must be a non-empty path")
+    if "\x00" in raw:
+        raise DatasetError(f"invalid_{field}", f"'{field}' contains a NUL byte")
+    candidate = Path(raw)
+    if not candidate.is_absolute():
+        candidate = data_root / candidate
+    try:
+        resolved = candidate.resolve()
+    except (OSError, RuntimeError) as exc:  # symlink loop (RuntimeError on 3.11), name too long
+        reason = getattr(exc, "strerror", None) or "symlink loop"
+        raise DatasetError(
+            f"invalid_{field}", f"{field} path cannot be resolved ({reason}): {raw!r}"
+        ) from None
+    if resolved != data_root and data_root not in resolved.parents:
+        raise DatasetError(
+            f"{field}_outside_data_root",
+            f"{field} must lie inside the data root {str(data_root)!r}",
+        )
+    return resolved
+
+
 def resolve_dataset(data_root: Path, dataset: str) -> Path:
     """Resolve a user-given folder, relative to the data root or absolute inside it.
 
@@ -32,31 +56,36 @@ def resolve_dataset(data_root: Path, dataset: str) -> Path:
         DatasetError: empty, outside the root (``..`` or a symlink escape), missing, not a folder,
             or unresolvable (symlink loop, name too long).
     """
-    if not isinstance(dataset, str) or not dataset.strip():
-        raise DatasetError("invalid_dataset", "'dataset' must be a non-empty folder path")
-    if "\x00" in dataset:
-        raise DatasetError("invalid_dataset", "'dataset' contains a NUL byte")
-    candidate = Path(dataset)
-    if not candidate.is_absolute():
-        candidate = data_root / candidate
-    try:
-        resolved = candidate.resolve()
-    except (OSError, RuntimeError) as exc:  # symlink loop (RuntimeError on 3.11), name too long
-        reason = getattr(exc, "strerror", None) or "symlink loop"
-        raise DatasetError(
-            "invalid_dataset", f"dataset path cannot be resolved ({reason}): {dataset!r}"
-        ) from None
-    if resolved != data_root and data_root not in resolved.parents:
-        raise DatasetError(
-            "dataset_outside_data_root",
-            f"dataset must lie inside the data root {str(data_root)!r}",
-        )
+    resolved = _resolve_inside(data_root, dataset, "dataset")
     try:
         mode = resolved.stat().st_mode
     except OSError:
         raise DatasetError("dataset_not_found", f"dataset folder not found: {dataset!r}") from None
     if not stat.S_ISDIR(mode):
         raise DatasetError("dataset_not_a_folder", f"dataset is not a folder: {dataset!r}")
+    return resolved
+
+
+def resolve_labels_file(data_root: Path, labels: str) -> Path:
+    """Resolve a user-given labels file (``path,class`` CSV) inside the data root.
+
+    Args:
+        data_root: the configured data root (already resolved).
+        labels: what the user sent, relative to the data root or absolute inside it.
+
+    Returns:
+        The resolved regular file.
+
+    Raises:
+        DatasetError: empty, outside the root, missing or not a regular file.
+    """
+    resolved = _resolve_inside(data_root, labels, "labels")
+    try:
+        mode = resolved.stat().st_mode
+    except OSError:
+        raise DatasetError("labels_not_found", f"labels file not found: {labels!r}") from None
+    if not stat.S_ISREG(mode):
+        raise DatasetError("labels_not_a_file", f"labels is not a regular file: {labels!r}")
     return resolved
 
 

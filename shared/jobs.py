@@ -23,12 +23,15 @@ QUERY_QUEUE = "query"
 INDEX_TASK = "imgsim.index"
 SEARCH_TASK = "imgsim.search"
 GC_VERSIONS_TASK = "imgsim.gc_versions"
+# Evaluation (issue 5) embeds a folder of query images, like indexing: train queue.
+EVALUATE_TASK = "imgsim.evaluate"
 
 
 class JobType(StrEnum):
     TRAIN = "train"
     QUERY = "query"
     INDEX = "index"
+    EVALUATE = "evaluate"
 
 
 class JobStatus(StrEnum):

@@ -33,6 +33,10 @@ class Keys:
     def model_meta(self, version: str) -> str:
         return f"{self.prefix}:model:{version}"
 
+    def model_quality(self, version: str) -> str:
+        """JSON figures of the latest evaluation of a version (shown by ``GET /models``)."""
+        return f"{self.prefix}:model-quality:{version}"
+
     def version_namespace(self, version: str) -> str:
         # The braces make every key of one version hash to the same Cluster slot.
         return f"{self.prefix}:{{{version}}}"

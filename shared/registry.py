@@ -64,6 +64,21 @@ class ModelRegistry:
         pipe.zadd(self._keys.models(), {version: time.time()})
         pipe.execute()
 
+    def set_quality(self, version: str, quality: dict[str, Any]) -> bool:
+        """Store the figures of an evaluation with a version (the latest one wins).
+
+        Args:
+            version: a registered version id.
+            quality: JSON figures (k, precision/mAP exact and through LSH, baselines).
+
+        Returns:
+            False when the version is no longer registered (nothing stored).
+        """
+        if not self._redis.exists(self._keys.model_meta(version)):
+            return False
+        self._redis.set(self._keys.model_quality(version), json.dumps(quality))
+        return True
+
     def activate(self, version: str) -> str | None:
         """Make ``version`` the active one; return the version it replaced."""
         previous = self._redis.set(self._keys.active_model(), version, get=True)
@@ -135,9 +150,13 @@ class ModelRegistry:
         pipe = self._redis.pipeline(transaction=False)
         for version in versions:
             pipe.get(self._keys.model_meta(version))
+            pipe.get(self._keys.model_quality(version))
+        replies = pipe.execute()
         models = []
-        for version, raw in zip(versions, pipe.execute(), strict=True):
+        for version, raw, quality in zip(versions, replies[::2], replies[1::2], strict=True):
             meta = json.loads(raw) if raw else {}
+            if quality:
+                meta["quality"] = json.loads(quality)
             train_params = meta.get("train_params")
             if train_params is None and artifacts_dir is not None:
                 train_params = _config_field(artifacts_dir / version, "train_params")
@@ -161,7 +180,7 @@ class ModelRegistry:
     def forget(self, version: str) -> None:
         """Remove a version's registry entries (its tables are removed by the worker)."""
         pipe = self._redis.pipeline(transaction=True)
-        pipe.delete(self._keys.model_meta(version))
+        pipe.delete(self._keys.model_meta(version), self._keys.model_quality(version))
         pipe.zrem(self._keys.models(), version)
         pipe.execute()
 

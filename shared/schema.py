@@ -117,3 +117,45 @@ class QueryParams:
         if not 1 <= k <= 100:
             raise ValidationError("k", f"must be between 1 and 100, got {k}")
         return cls(k=k)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """``POST /jobs/evaluate``: labelled query images and the cut-off of the metrics."""
+
+    dataset: str
+    labels: str | None = None
+    k: int = 10
+
+    @classmethod
+    def parse(cls, data: Any) -> EvaluateParams:
+        """Validate a JSON body.
+
+        Args:
+            data: the decoded JSON object.
+
+        Returns:
+            EvaluateParams with defaults filled in.
+
+        Raises:
+            ValidationError: naming the first bad field.
+        """
+        if not isinstance(data, dict):
+            raise ValidationError("body", "must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            accepted = ", ".join(sorted(known))
+            raise ValidationError(unknown[0], f"unknown field; accepted: {accepted}")
+        dataset = data.get("dataset")
+        if not isinstance(dataset, str) or not dataset.strip():
+            raise ValidationError("dataset", "required: a folder of query images inside the "
+                                  "data root")
+        labels = data.get("labels")
+        if labels is not None and (not isinstance(labels, str) or not labels.strip()):
+            raise ValidationError("labels", "must be the path of a path,class CSV file inside "
+                                  "the data root")
+        return cls(dataset=dataset, labels=labels, k=_int_field(data, "k", 10, 1, 100))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

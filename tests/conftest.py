@@ -17,13 +17,15 @@ TEST_REDIS_URL = os.environ.get("IMGSIM_TEST_REDIS_URL", "redis://127.0.0.1:6379
 
 
 def delete_prefix(client: redis.Redis, prefix: str) -> None:
-    """UNLINK every key starting with ``prefix`` (SCAN, never KEYS)."""
+    """UNLINK every key starting with ``prefix`` (SCAN, never KEYS), and the Celery queue
+    bindings kombu keeps for the ``<prefix>.train`` / ``<prefix>.query`` queues."""
     batch = []
-    for key in client.scan_iter(match=f"{prefix}*", count=500):
-        batch.append(key)
-        if len(batch) >= 500:
-            client.unlink(*batch)
-            batch = []
+    for pattern in (f"{prefix}*", f"_kombu.binding*.{prefix}.*"):
+        for key in client.scan_iter(match=pattern, count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                client.unlink(*batch)
+                batch = []
     if batch:
         client.unlink(*batch)
 

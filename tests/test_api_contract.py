@@ -526,3 +526,67 @@ def test_query_without_an_active_model_is_409_and_records_nothing(client, store,
     response = client.post("/jobs/query", data={"image": (io.BytesIO(_png()), "a.png")})
     assert response.status_code == 409
     assert store.list_jobs() == ([], None)
+
+
+# --------------------------------------------------------------------------- POST /jobs/evaluate
+
+
+@pytest.fixture
+def eval_folder(settings) -> Path:
+    folder = settings.data_root / "held" / "cat"
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(_png())
+    return settings.data_root / "held"
+
+
+def test_evaluate_without_an_active_model_is_409_and_records_nothing(client, eval_folder):
+    response = client.post("/jobs/evaluate", json={"dataset": "held"})
+    assert response.status_code == 409
+    assert response.get_json()["error"]["code"] == "no_active_model"
+    assert client.get("/jobs").get_json()["jobs"] == []
+
+
+@pytest.mark.parametrize(("body", "code", "field"), [
+    ({}, "invalid_parameter", "dataset"),
+    ({"dataset": "held", "k": 0}, "invalid_parameter", "k"),
+    ({"dataset": "held", "k": "10"}, "invalid_parameter", "k"),
+    ({"dataset": "held", "probes": 3}, "invalid_parameter", "probes"),
+    ({"dataset": "held", "labels": ""}, "invalid_parameter", "labels"),
+    ({"dataset": "held", "labels": 7}, "invalid_parameter", "labels"),
+    ({"dataset": "missing"}, "dataset_not_found", None),
+    ({"dataset": "../.."}, "dataset_outside_data_root", None),
+    ({"dataset": "held", "labels": "../outside.csv"}, "labels_outside_data_root", None),
+    ({"dataset": "held", "labels": "nope.csv"}, "labels_not_found", None),
+    ({"dataset": "held", "labels": "held"}, "labels_not_a_file", None),
+    ({"dataset": "held", "labels": "no_header.csv"}, "invalid_labels", "labels"),
+    ({"dataset": "held", "labels": "bad_row.csv"}, "invalid_labels", "labels"),
+    ({"dataset": "held", "labels": "binary.csv"}, "invalid_labels", "labels"),
+    ({"dataset": "empty"}, "no_readable_images", None),
+])
+def test_evaluate_bad_requests_are_400_naming_the_problem(client, settings, redis_client,
+                                                         eval_folder, body, code, field):
+    root = settings.data_root
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    (root.parent / "outside.csv").write_text("path,class\ncat/a.png,cat\n")
+    (root / "no_header.csv").write_text("cat/a.png,cat\n")
+    (root / "bad_row.csv").write_text("path,class\n../../etc/passwd,cat\n")
+    (root / "binary.csv").write_bytes(b"\xff\xfe\x00path")
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("not an image")
+    response = client.post("/jobs/evaluate", json=body)
+    assert response.status_code == 400, response.get_data()
+    error = response.get_json()["error"]
+    assert error["code"] == code
+    assert error.get("field") == field
+    assert client.get("/jobs").get_json()["jobs"] == []
+
+
+def test_evaluate_is_accepted_with_a_labels_file(client, settings, redis_client, eval_folder):
+    (settings.data_root / "labels.csv").write_text("path,class\nheld/cat/a.png,tabby\n")
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    response = client.post("/jobs/evaluate",
+                           json={"dataset": "held", "labels": "labels.csv", "k": 5})
+    assert response.status_code == 202, response.get_data()
+    job = client.get(response.headers["Location"]).get_json()
+    assert (job["type"], job["status"]) == ("evaluate", "queued")
+    assert job["params"] == {"dataset": "held", "labels": "labels.csv", "k": 5}

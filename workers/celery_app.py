@@ -11,6 +11,7 @@ from celery import Celery, signals
 from kombu import Queue
 
 from shared.jobs import (
+    EVALUATE_TASK,
     GC_VERSIONS_TASK,
     INDEX_TASK,
     QUERY_QUEUE,
@@ -27,7 +28,8 @@ settings = Settings.from_env()
 keys = Keys(settings.key_prefix)
 train_queue, query_queue = keys.queue(TRAIN_QUEUE), keys.queue(QUERY_QUEUE)
 
-app = Celery("imgsim", broker=settings.redis_url, include=["workers.tasks", "workers.index_tasks"])
+app = Celery("imgsim", broker=settings.redis_url, include=["workers.tasks", "workers.index_tasks",
+                                                     "workers.evaluation_tasks"])
 app.conf.update(
     task_serializer="json",
     accept_content=["json"],
@@ -41,7 +43,8 @@ app.conf.update(
     task_queues=[Queue(train_queue), Queue(query_queue)],
     task_routes={TRAIN_TASK: {"queue": train_queue}, QUERY_TASK: {"queue": query_queue},
                  INDEX_TASK: {"queue": train_queue}, SEARCH_TASK: {"queue": query_queue},
-                 GC_VERSIONS_TASK: {"queue": train_queue}},
+                 GC_VERSIONS_TASK: {"queue": train_queue},
+                 EVALUATE_TASK: {"queue": train_queue}},
     task_default_queue=query_queue,
     broker_connection_retry_on_startup=True,
     # Redelivery of unacked tasks must not start before the longest training could end.

@@ -68,8 +68,6 @@ def service(tmp_path_factory, redis_url):
     finally:
         procs.stop_all()
         delete_prefix(client, prefix)
-        for queue in ("train", "query"):
-            client.delete(f"{prefix}.{queue}", f"_kombu.binding.{prefix}.{queue}")
 
 
 def _png_bytes(image: Image.Image) -> bytes:

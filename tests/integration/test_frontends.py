@@ -84,8 +84,6 @@ def stack(tmp_path_factory, redis_url):
     finally:
         procs.stop_all()
         delete_prefix(client, prefix)
-        for queue in ("train", "query"):
-            client.delete(f"{prefix}.{queue}", f"_kombu.binding.{prefix}.{queue}")
         client.close()
 
 

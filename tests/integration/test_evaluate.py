@@ -1,0 +1,171 @@
+"""Evaluation end to end: precision/mAP of the active model through real workers and gunicorn."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import pytest
+import redis
+import requests
+
+from tests.conftest import DATASETS, delete_prefix
+from tests.integration.harness import (
+    Processes,
+    free_port,
+    wait_for_http,
+    wait_for_job,
+    wait_for_workers,
+)
+
+pytestmark = pytest.mark.integration
+CLASSES = ("cat", "dog", "panda")
+INDEXED, HELD = 12, 4
+K = 5
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, redis_url):
+    animals = DATASETS / "animals"
+    if not animals.is_dir():
+        pytest.fail(f"evaluation tests need the animal photos at {animals}")
+    root = tmp_path_factory.mktemp("data")
+    held_files = {}
+    for label in CLASSES:
+        photos = sorted((animals / label).iterdir())
+        (root / "base" / label).mkdir(parents=True)
+        (root / "held" / label).mkdir(parents=True)
+        for path in photos[:INDEXED]:
+            shutil.copy(path, root / "base" / label / path.name)
+        for path in photos[INDEXED : INDEXED + HELD]:
+            shutil.copy(path, root / "held" / label / path.name)
+            held_files[f"{label}/{path.name}"] = label
+    # A photo at the top of the query folder has no class folder: skipped unless labelled.
+    shutil.copy(photos[INDEXED + HELD], root / "held" / "top_level.jpg")
+    prefix = f"imgsimtest{uuid.uuid4().hex[:8]}"
+    env = {
+        "IMGSIM_REDIS_URL": redis_url,
+        "IMGSIM_KEY_PREFIX": prefix,
+        "IMGSIM_DATA_ROOT": str(root),
+        "IMGSIM_ARTIFACTS_DIR": str(tmp_path_factory.mktemp("artifacts")),
+        "IMGSIM_TORCH_THREADS": "1",
+        "IMGSIM_WORKER_CONCURRENCY": "1",
+    }
+    procs = Processes(env, tmp_path_factory.mktemp("logs"))
+    client = redis.Redis.from_url(redis_url)
+    port = free_port()
+    try:
+        procs.start_worker("w1")
+        procs.start_api(port)
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/healthz")
+        wait_for_workers(client, prefix, 1)
+        job = _finish(url, requests.post(f"{url}/jobs/train",
+                                         json={"dataset": "base", "epochs": 1}, timeout=10))
+        assert job["status"] == "succeeded", job
+        yield {"base": url, "root": root, "version": job["result"]["version"],
+               "held": held_files}
+    except BaseException:
+        print(procs.log("w1"), procs.log("api"))
+        raise
+    finally:
+        procs.stop_all()
+        delete_prefix(client, prefix)
+
+
+def _finish(base: str, response: requests.Response, timeout: float = 300) -> dict:
+    assert response.status_code == 202, response.text
+    return wait_for_job(base, response.json()["job_id"], timeout=timeout)
+
+
+def _evaluate(base: str, **body) -> dict:
+    job = _finish(base, requests.post(f"{base}/jobs/evaluate", json=body, timeout=10))
+    assert job["status"] == "succeeded", job
+    return job["result"]
+
+
+@pytest.fixture(scope="module")
+def held_out(service):
+    return _evaluate(service["base"], dataset="held", k=K)
+
+
+def test_held_out_queries_are_scored_exactly_like_the_query_api_answers(service, held_out):
+    result = held_out
+    assert result["model_version"] == service["version"]
+    assert result["queries"] == len(CLASSES) * HELD
+    assert result["skipped_unlabelled"] == 1
+    assert result["queries_in_index"] == 0
+    assert result["indexed"] == len(CLASSES) * INDEXED
+    assert result["query_path"] == "exact"  # 36 images: plain queries scan every row
+    # Cross-check the exact figure against the public query path: each held-out photo sent to
+    # POST /jobs/query with exact=true, precision computed from the hits' class folders.
+    base, precisions = service["base"], []
+    for rel, label in sorted(service["held"].items()):
+        data = (service["root"] / "held" / rel).read_bytes()
+        job = _finish(base, requests.post(f"{base}/jobs/query", files={"image": ("q.jpg", data)},
+                                          data={"k": str(K), "exact": "true"}, timeout=10))
+        hits = job["result"]["hits"]
+        precisions.append(sum(h["path"].split("/")[0] == label for h in hits) / K)
+    assert result["exact"]["precision_at_k"] == pytest.approx(sum(precisions) / len(precisions))
+    assert set(result["exact"]["per_class"]) == set(CLASSES)
+    # Forced through the LSH tables (not the exact scan), every query answered.
+    assert sum(result["lsh"]["methods"].values()) == result["queries"]
+    assert set(result["lsh"]["methods"]) <= {"lsh", "exact_fallback"}
+    for name in ("exact", "lsh"):
+        figures = result[name]
+        assert 0.0 <= figures["map_at_k"] <= 1.0 and figures["k"] == K
+
+
+def test_baselines_are_scored_on_the_same_queries(held_out):
+    baselines = held_out["baselines"]
+    assert set(baselines) == {"random", "tiny_image", "colour_histogram"}
+    for figures in baselines.values():
+        assert figures["queries"] == held_out["queries"]
+        assert 0.0 <= figures["precision_at_k"] <= 1.0
+        assert "indexed_images_scored" not in figures  # every indexed file was readable
+    # Pandas are black and white: the colour histogram finds other pandas.
+    assert baselines["colour_histogram"]["per_class"]["panda"] > 1 / len(CLASSES)
+
+
+def test_figures_are_stored_with_the_model(service, held_out):
+    listing = requests.get(f"{service['base']}/models", timeout=10).json()
+    (model,) = [m for m in listing["models"] if m["version"] == service["version"]]
+    quality = model["quality"]
+    assert quality["exact"]["precision_at_k"] == held_out["exact"]["precision_at_k"]
+    assert quality["baselines"]["random"] == held_out["baselines"]["random"]
+    assert quality["k"] == K and quality["dataset"] == "held"
+
+
+def test_indexed_images_never_count_themselves(service):
+    # Every indexed photo gets a class of its own: the only image sharing it is itself, so
+    # leave-one-out precision is exactly 0 (it would be 1/k if a query could find itself).
+    root = service["root"]
+    lines = ["path,class"] + [f"base/{p.relative_to(root / 'base').as_posix()},only{n}"
+                              for n, p in enumerate(sorted((root / "base").rglob("*.jpg")))]
+    (root / "unique.csv").write_text("\n".join(lines) + "\n")
+    result = _evaluate(service["base"], dataset="base", labels="unique.csv", k=K)
+    assert result["queries"] == result["queries_in_index"] == len(CLASSES) * INDEXED
+    for figures in (result["exact"], result["lsh"], *result["baselines"].values()):
+        assert figures["precision_at_k"] == 0.0
+
+
+def test_labels_file_overrides_the_folder_classes(service):
+    # The CSV's folder is the data root; it relabels the held-out cats as dogs.
+    root = service["root"]
+    lines = ["path,class"] + [f"held/{rel},dog" for rel, label in service["held"].items()
+                              if label == "cat"] + ["held/top_level.jpg,panda"]
+    (root / "relabel.csv").write_text("\n".join(lines) + "\n")
+    result = _evaluate(service["base"], dataset="held", labels="relabel.csv", k=K)
+    assert result["skipped_unlabelled"] == 0
+    assert result["queries"] == len(CLASSES) * HELD + 1
+    assert set(result["exact"]["per_class"]) == {"dog", "panda"}
+
+
+def test_a_folder_without_classes_fails_with_a_reason(service):
+    flat = service["root"] / "flat"
+    flat.mkdir()
+    shutil.copy(service["root"] / "held" / "top_level.jpg", flat / "one.jpg")
+    job = _finish(service["base"], requests.post(f"{service['base']}/jobs/evaluate",
+                                                 json={"dataset": "flat"}, timeout=10))
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "no_labelled_images"
