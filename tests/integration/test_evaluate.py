@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 import uuid
 
 import pytest
 import redis
 import requests
 
-from tests.conftest import DATASETS, delete_prefix
+from tests.conftest import DATASETS, REPO, delete_prefix
 from tests.integration.harness import (
     Processes,
     free_port,
@@ -169,3 +173,20 @@ def test_a_folder_without_classes_fails_with_a_reason(service):
                                                  json={"dataset": "flat"}, timeout=10))
     assert job["status"] == "failed"
     assert job["error"]["code"] == "no_labelled_images"
+
+
+def test_cli_eval_waits_and_prints_the_table(service):
+    env = {**os.environ, "IMGSIM_URL": service["base"], "PYTHONPATH": str(REPO)}
+    env.pop("IMGSIM_API_KEY", None)
+    done = subprocess.run([sys.executable, "-m", "client.cli", "eval", "held", "-k", str(K),
+                           "--wait", "--quiet"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"precision@{K}" in done.stdout
+    for row in ("exact", "lsh", "baseline random", "baseline tiny_image",
+                "baseline colour_histogram"):
+        assert row in done.stdout
+    models = subprocess.run([sys.executable, "-m", "client.cli", "--json", "models"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=60)
+    active = [m for m in json.loads(models.stdout)["models"] if m["active"]]
+    assert active[0]["quality"]["k"] == K
