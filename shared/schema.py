@@ -35,6 +35,25 @@ def _float_field(data: dict, name: str, default: float, lo: float, hi: float) ->
     return float(value)
 
 
+def _known_fields_and_dataset(cls: type, data: Any, what: str) -> str:
+    """Check a JSON body is an object of ``cls``'s fields with a non-empty ``dataset``.
+
+    Returns:
+        The dataset string.
+    """
+    if not isinstance(data, dict):
+        raise ValidationError("body", "must be a JSON object")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        accepted = ", ".join(sorted(known))
+        raise ValidationError(unknown[0], f"unknown field; accepted: {accepted}")
+    dataset = data.get("dataset")
+    if not isinstance(dataset, str) or not dataset.strip():
+        raise ValidationError("dataset", f"required: {what}")
+    return dataset
+
+
 @dataclass(frozen=True)
 class TrainParams:
     """Training and index parameters of ``POST /jobs/train`` (all optional but ``dataset``)."""
@@ -140,17 +159,8 @@ class EvaluateParams:
         Raises:
             ValidationError: naming the first bad field.
         """
-        if not isinstance(data, dict):
-            raise ValidationError("body", "must be a JSON object")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            accepted = ", ".join(sorted(known))
-            raise ValidationError(unknown[0], f"unknown field; accepted: {accepted}")
-        dataset = data.get("dataset")
-        if not isinstance(dataset, str) or not dataset.strip():
-            raise ValidationError("dataset", "required: a folder of query images inside the "
-                                  "data root")
+        dataset = _known_fields_and_dataset(
+            cls, data, "a folder of query images inside the data root")
         labels = data.get("labels")
         if labels is not None and (not isinstance(labels, str) or not labels.strip()):
             raise ValidationError("labels", "must be the path of a path,class CSV file inside "

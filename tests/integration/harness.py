@@ -8,11 +8,16 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import suppress
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 import requests
+
+from tests.conftest import delete_prefix
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -114,3 +119,52 @@ def wait_for_job(base: str, job_id: str, timeout: float = 180.0, seen: list | No
             return job
         time.sleep(0.03)
     raise TimeoutError(f"job {job_id} did not finish within {timeout}s")
+
+
+@dataclass
+class Stack:
+    """A running service: its URL, key prefix, processes and a Redis client."""
+
+    base: str
+    prefix: str
+    procs: Processes
+    redis: redis.Redis
+
+
+@contextmanager
+def service_stack(redis_url: str, data_root: Path, artifacts: Path, log_dir: Path,
+                  workers: int = 1, env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """Start ``workers`` Celery workers (w1, w2, ...) and gunicorn under a fresh key prefix.
+
+    Everything is stopped and every key of the prefix removed afterwards; the processes' logs
+    are printed when the body (or the start) fails.
+    """
+    prefix = f"imgsimtest{uuid.uuid4().hex[:8]}"
+    procs = Processes({
+        "IMGSIM_REDIS_URL": redis_url,
+        "IMGSIM_KEY_PREFIX": prefix,
+        "IMGSIM_DATA_ROOT": str(data_root),
+        "IMGSIM_ARTIFACTS_DIR": str(artifacts),
+        "IMGSIM_TORCH_THREADS": "1",
+        "IMGSIM_WORKER_CONCURRENCY": "1",
+        **(env or {}),
+    }, log_dir)
+    client = redis.Redis.from_url(redis_url)
+    port = free_port()
+    names = [f"w{n}" for n in range(1, workers + 1)]
+    try:
+        for name in names:
+            procs.start_worker(name)
+        procs.start_api(port)
+        base = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{base}/healthz")
+        wait_for_workers(client, prefix, workers)
+        yield Stack(base, prefix, procs, client)
+    except BaseException:
+        for name in [*names, "api"]:
+            print(f"---- {name}.log\n{procs.log(name)}")
+        raise
+    finally:
+        procs.stop_all()
+        delete_prefix(client, prefix)
+        client.close()

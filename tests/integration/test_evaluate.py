@@ -7,20 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 
 import pytest
-import redis
 import requests
 
-from tests.conftest import DATASETS, REPO, delete_prefix
-from tests.integration.harness import (
-    Processes,
-    free_port,
-    wait_for_http,
-    wait_for_job,
-    wait_for_workers,
-)
+from tests.conftest import DATASETS, REPO
+from tests.integration.harness import service_stack, wait_for_job
 
 pytestmark = pytest.mark.integration
 CLASSES = ("cat", "dog", "panda")
@@ -46,35 +38,14 @@ def service(tmp_path_factory, redis_url):
             held_files[f"{label}/{path.name}"] = label
     # A photo at the top of the query folder has no class folder: skipped unless labelled.
     shutil.copy(photos[INDEXED + HELD], root / "held" / "top_level.jpg")
-    prefix = f"imgsimtest{uuid.uuid4().hex[:8]}"
-    env = {
-        "IMGSIM_REDIS_URL": redis_url,
-        "IMGSIM_KEY_PREFIX": prefix,
-        "IMGSIM_DATA_ROOT": str(root),
-        "IMGSIM_ARTIFACTS_DIR": str(tmp_path_factory.mktemp("artifacts")),
-        "IMGSIM_TORCH_THREADS": "1",
-        "IMGSIM_WORKER_CONCURRENCY": "1",
-    }
-    procs = Processes(env, tmp_path_factory.mktemp("logs"))
-    client = redis.Redis.from_url(redis_url)
-    port = free_port()
-    try:
-        procs.start_worker("w1")
-        procs.start_api(port)
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{url}/healthz")
-        wait_for_workers(client, prefix, 1)
-        job = _finish(url, requests.post(f"{url}/jobs/train",
-                                         json={"dataset": "base", "epochs": 1}, timeout=10))
+    with service_stack(redis_url, root, tmp_path_factory.mktemp("artifacts"),
+                       tmp_path_factory.mktemp("logs")) as stack:
+        job = _finish(stack.base, requests.post(f"{stack.base}/jobs/train",
+                                                json={"dataset": "base", "epochs": 1},
+                                                timeout=10))
         assert job["status"] == "succeeded", job
-        yield {"base": url, "root": root, "version": job["result"]["version"],
+        yield {"base": stack.base, "root": root, "version": job["result"]["version"],
                "held": held_files}
-    except BaseException:
-        print(procs.log("w1"), procs.log("api"))
-        raise
-    finally:
-        procs.stop_all()
-        delete_prefix(client, prefix)
 
 
 def _finish(base: str, response: requests.Response, timeout: float = 300) -> dict:
