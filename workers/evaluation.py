@@ -290,7 +290,10 @@ def run_evaluation(settings: Settings, client: redis.Redis, cache: ActiveModelCa
     phase = time.perf_counter()
     report({"phase": "search", "images_done": 0, "images_total": len(query_rows)})
     exact_hits, exact_info = _search_all(index, indexed, vectors, k, own, exact=True)
+    report({"phase": "search", "images_done": len(query_rows) // 2,
+            "images_total": len(query_rows)})
     lsh_hits, lsh_info = _search_all(index, indexed, vectors, k, own, exact=False)
+    report({"phase": "search", "images_done": len(query_rows), "images_total": len(query_rows)})
     exact = {**retrieval_metrics(query_labels, exact_hits, k, relevant), **exact_info}
     lsh = {**retrieval_metrics(query_labels, lsh_hits, k, relevant), **lsh_info,
            "probes": index.default_probes}
@@ -300,6 +303,7 @@ def run_evaluation(settings: Settings, client: redis.Redis, cache: ActiveModelCa
     report({"phase": "baselines", "images_done": 0, "images_total": len(indexed)})
     baselines = _baselines(settings, indexed, query_images, query_labels, query_ids, k, size,
                            threads, pixel_cache)
+    report({"phase": "baselines", "images_done": len(indexed), "images_total": len(indexed)})
     timings["baselines_s"] = round(time.perf_counter() - phase, 2)
     timings["total_s"] = round(time.perf_counter() - started, 2)
 
