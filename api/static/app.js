@@ -283,9 +283,14 @@ function qualityText(quality) {
     parts.push(`${fmt(quality.exact.precision_at_k)} exact`);
   }
   if (quality.lsh && quality.lsh.map_at_k != null) parts.push(`mAP ${fmt(quality.lsh.map_at_k)}`);
-  const random = quality.baselines && quality.baselines.random;
-  if (random && random.precision_at_k != null) {
-    parts.push(`random ${fmt(random.precision_at_k)}`);
+  // The baselines say whether the trained model is worth having on this collection.
+  const baselines = quality.baselines || {};
+  for (const [name, label] of [["random", "random"], ["tiny_image", "tiny image"],
+                               ["colour_histogram", "colour histogram"]]) {
+    const figures = baselines[name];
+    if (figures && figures.precision_at_k != null) {
+      parts.push(`${label} ${fmt(figures.precision_at_k)}`);
+    }
   }
   return parts.length ? parts.join(" · ") : JSON.stringify(quality);
 }

@@ -312,6 +312,7 @@ def screenshots(tmp_path_factory):
         return path
 
     yield save
+    shutil.rmtree(SCREENSHOTS_COPY, ignore_errors=True)  # only this run's states
     SCREENSHOTS_COPY.mkdir(parents=True, exist_ok=True)
     for path in saved:
         shutil.copy(path, SCREENSHOTS_COPY / path.name)
@@ -409,3 +410,21 @@ def test_page_training_form_reaches_100_percent_and_updates_the_model_panel(
     _wait(browser, lambda d: d.find_element("id", "train-error").is_displayed())
     assert "dataset_not_found" in browser.find_element("id", "train-error").text
     screenshots(browser, "training-form-error")
+
+
+def test_page_shows_the_quality_an_evaluation_stored(stack, browser, screenshots):
+    base = stack["base"]
+    accepted = requests.post(f"{base}/jobs/evaluate", json={"dataset": "animals_small", "k": 5},
+                             timeout=10)
+    assert accepted.status_code == 202, accepted.text
+    job = wait_for_job(base, accepted.json()["job_id"], timeout=240)
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    browser.get(base + "/")
+    _wait(browser, lambda d: "P@5" in d.find_element("id", "model-quality").text)
+    text = browser.find_element("id", "model-quality").text
+    assert f"P@5 {result['lsh']['precision_at_k']:.3f} (LSH)" in text
+    for label, name in (("random", "random"), ("tiny image", "tiny_image"),
+                        ("colour histogram", "colour_histogram")):
+        assert f"{label} {result['baselines'][name]['precision_at_k']:.3f}" in text
+    screenshots(browser, "model-quality")
