@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import redis
 from celery import Celery
 from flask import Flask
 
 from shared.jobs import QUERY_QUEUE, QUERY_TASK, TRAIN_QUEUE, TRAIN_TASK, JobStore
 from shared.keys import Keys
+from shared.redis_clients import api_redis, broker_transport_options
 from shared.registry import ModelRegistry
 from shared.settings import Settings
 
@@ -26,10 +26,8 @@ class Services:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.redis = redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2, socket_timeout=5,
-            health_check_interval=30,
-        )
+        # Fails fast (IMGSIM_REDIS_TIMEOUT_S): the API answers 503 rather than hang a thread.
+        self.redis = api_redis(settings)
         self.jobs = JobStore(self.redis, self.keys, settings.job_ttl_s)
         self.registry = ModelRegistry(self.redis, self.keys)
         # A Celery client only: the API sends by task name and never imports worker code.
@@ -39,6 +37,8 @@ class Services:
             task_routes={TRAIN_TASK: {"queue": self.keys.queue(TRAIN_QUEUE)},
                          QUERY_TASK: {"queue": self.keys.queue(QUERY_QUEUE)}},
             broker_connection_retry=False, broker_connection_max_retries=0,
+            broker_connection_timeout=settings.redis_timeout_s,
+            broker_transport_options=broker_transport_options(settings, api=True),
         )
 
 

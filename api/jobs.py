@@ -22,6 +22,10 @@ PROBE_FILES = 200
 PROBE_SECONDS = 3.0
 # Longest long-poll of GET /jobs/<id>?wait=N.
 MAX_WAIT_S = 30
+# One quick retry on a fresh broker connection (a pooled one may have died with a Redis
+# restart); a Redis that stays down gives 503 queue_unavailable within about a second more.
+ENQUEUE_RETRY = {"max_retries": 1, "interval_start": 0.2, "interval_step": 0.5,
+                 "interval_max": 0.5}
 
 
 def _accepted(job: dict):
@@ -36,7 +40,7 @@ def _enqueue(task: str, queue: str, job: dict, args: list) -> None:
     svc = services()
     try:
         svc.queue.send_task(task, args=args, queue=svc.keys.queue(queue), task_id=job["job_id"],
-                           retry=False)
+                            retry=True, retry_policy=ENQUEUE_RETRY)
     except Exception as exc:  # broker refused: do not leave a job that will never run
         svc.jobs.fail(job["job_id"], "enqueue_failed", f"could not enqueue the job: {exc}")
         raise ApiError(503, "queue_unavailable", "the job queue is unreachable") from None

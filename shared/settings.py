@@ -55,6 +55,11 @@ class Settings:
     version_grace_s: int = 300
     pixel_cache_bytes: int = 2 * 1024**3
     precision: str = "auto"
+    # Fault handling: the API's Redis timeout, the workers' heartbeat period (a worker silent for
+    # 3 periods is lost and its jobs are restored), and how many times one job may be started.
+    redis_timeout_s: int = 2
+    heartbeat_s: int = 10
+    max_attempts: int = 3
     # Bearer keys; empty means no authentication. Kept out of repr so logs never show them.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
 
@@ -99,5 +104,8 @@ class Settings:
             version_grace_s=_int(env, "IMGSIM_VERSION_GRACE_S", cls.version_grace_s, 0),
             pixel_cache_bytes=_int(env, "IMGSIM_PIXEL_CACHE_BYTES", cls.pixel_cache_bytes, 0),
             precision=precision,
+            redis_timeout_s=_int(env, "IMGSIM_REDIS_TIMEOUT_S", cls.redis_timeout_s, 1),
+            heartbeat_s=_int(env, "IMGSIM_HEARTBEAT_S", cls.heartbeat_s, 1),
+            max_attempts=_int(env, "IMGSIM_MAX_ATTEMPTS", cls.max_attempts, 1),
             api_keys=_keys(env.get("IMGSIM_API_KEYS")),
         )
