@@ -87,6 +87,9 @@ SCHEMAS: dict[str, Any] = {
             "started_at": {"type": ["string", "null"], "format": "date-time"},
             "finished_at": {"type": ["string", "null"], "format": "date-time"},
             "cancel_requested": {"type": "boolean"},
+            "attempts": {"type": "integer", "minimum": 0,
+                         "description": "how many times a worker started the job (more than 1 "
+                                        "after its worker was lost and it was delivered again)"},
         },
     },
     "JobList": {

@@ -44,12 +44,16 @@ class JobStatus(StrEnum):
 
 FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 _JSON_FIELDS = ("progress", "result", "error", "params")
-# Writes to a job that already expired must not recreate it as a hash without a TTL.
+# Writes to a job that already expired must not recreate it as a hash without a TTL, and a
+# worker whose attempt was superseded (ARGV[3], when given) must not write over its successor.
 _SET_IF_EXISTS = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return -1
 end
-return -1
+if ARGV[3] ~= nil and ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[3] then
+  return -2
+end
+return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 """
 # GET /jobs reads the index in batches of this many ids, and at most LIST_SCAN_LIMIT per call.
 LIST_BATCH = 200
@@ -58,6 +62,16 @@ LIST_SCAN_LIMIT = 2000
 
 class CursorError(ValueError):
     """A ``GET /jobs`` cursor this store did not issue."""
+
+
+class AttemptSuperseded(RuntimeError):
+    """This run of a job is no longer its current attempt (its message was restored to another
+    worker, which started it again); the run must stop without touching the record."""
+
+    def __init__(self, job_id: str, attempt: int) -> None:
+        super().__init__(f"job {job_id}: attempt {attempt} was superseded")
+        self.job_id = job_id
+        self.attempt = attempt
 
 
 def encode_cursor(score: float, job_id: str) -> str:
@@ -154,6 +168,7 @@ class JobStore:
             "started_at": record.get("started_at") or None,
             "finished_at": record.get("finished_at") or None,
             "cancel_requested": record.get("cancel_requested") == "1",
+            "attempts": int(record.get("attempts") or 0),
         }
 
     def status(self, job_id: str) -> str | None:
@@ -166,17 +181,25 @@ class JobStore:
         to: JobStatus,
         allowed: set[JobStatus],
         fields: dict[str, str] | None = None,
+        attempt: int | None = None,
     ) -> bool:
-        """Set status (and ``fields``) in one transaction, only from an allowed status."""
+        """Set status (and ``fields``) in one transaction, only from an allowed status.
+
+        Raises:
+            AttemptSuperseded: ``attempt`` given and no longer the job's current attempt.
+        """
         key = self._keys.job(job_id)
         with self._redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(key)
-                    current = pipe.hget(key, "status")
+                    current, attempts = pipe.hmget(key, "status", "attempts")
                     if current is None or current.decode() not in {str(s) for s in allowed}:
                         pipe.unwatch()
                         return False
+                    if attempt is not None and int(attempts or 0) != attempt:
+                        pipe.unwatch()
+                        raise AttemptSuperseded(job_id, attempt)
                     pipe.multi()
                     pipe.hset(key, mapping={"status": str(to), **(fields or {})})
                     pipe.execute()
@@ -184,33 +207,88 @@ class JobStore:
                 except redis.WatchError:
                     continue
 
-    def mark_running(self, job_id: str) -> bool:
-        """Queued (or redelivered running) -> running. False if the job is gone or finished."""
-        ok = self._transition(job_id, JobStatus.RUNNING, {JobStatus.QUEUED, JobStatus.RUNNING})
-        if ok:  # a redelivered job keeps its first start time
-            self._redis.hsetnx(self._keys.job(job_id), "started_at", now_iso())
-        return ok
+    def mark_running(self, job_id: str, max_attempts: int | None = None) -> int:
+        """Queued (or redelivered running) -> running, as a new attempt.
 
-    def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
-        """Replace the progress object of a job (the worker throttles how often)."""
-        self._redis.eval(_SET_IF_EXISTS, 1, self._keys.job(job_id), "progress",
-                         json.dumps(progress))
+        Every start of a job is an attempt; a message delivered again after its worker was lost
+        starts the next one, and the earlier run (if it is in fact still alive somewhere) finds
+        itself superseded at its next write. Beyond ``max_attempts`` starts the job fails with
+        ``worker_lost`` instead of running again (a job that kills its worker every time).
 
-    def report_and_check_cancel(self, job_id: str, progress: dict[str, Any]) -> bool:
+        Args:
+            job_id: the job.
+            max_attempts: most starts allowed; None for no limit.
+
+        Returns:
+            The attempt number (1 for the first start), or 0 when the job must not run: gone,
+            finished, canceled, or out of attempts (then marked failed here).
+        """
+        key = self._keys.job(job_id)
+        with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    current, attempts = pipe.hmget(key, "status", "attempts")
+                    if current is None or current.decode() not in {JobStatus.QUEUED,
+                                                                   JobStatus.RUNNING}:
+                        pipe.unwatch()
+                        return 0
+                    attempt = int(attempts or 0) + 1
+                    pipe.multi()
+                    if max_attempts is not None and attempt > max_attempts:
+                        error = {"code": "worker_lost",
+                                 "message": f"the job was started {attempt - 1} time(s) and its "
+                                            f"worker was lost each time (killed, out of memory "
+                                            f"or restarted); not starting it again"}
+                        pipe.hset(key, mapping={"status": str(JobStatus.FAILED),
+                                                "finished_at": now_iso(),
+                                                "error": json.dumps(error)})
+                        pipe.publish(self._keys.job_events(job_id), str(JobStatus.FAILED))
+                        pipe.execute()
+                        return 0
+                    pipe.hset(key, mapping={"status": str(JobStatus.RUNNING),
+                                            "attempts": str(attempt)})
+                    pipe.hsetnx(key, "started_at", now_iso())  # a rerun keeps its first start
+                    pipe.execute()
+                    return attempt
+                except redis.WatchError:
+                    continue
+
+    def set_progress(self, job_id: str, progress: dict[str, Any],
+                     attempt: int | None = None) -> None:
+        """Replace the progress object of a job (the worker throttles how often).
+
+        Raises:
+            AttemptSuperseded: ``attempt`` given and no longer the job's current attempt.
+        """
+        answer = self._redis.eval(_SET_IF_EXISTS, 1, self._keys.job(job_id), "progress",
+                                  json.dumps(progress), "" if attempt is None else str(attempt))
+        if answer == -2:
+            raise AttemptSuperseded(job_id, attempt or 0)
+
+    def report_and_check_cancel(self, job_id: str, progress: dict[str, Any],
+                                attempt: int | None = None) -> bool:
         """Write progress and read the cancel flag in one round trip.
 
         Args:
             job_id: the running job.
             progress: the new progress object.
+            attempt: the caller's attempt; when given, a superseded attempt raises.
 
         Returns:
             True when a cancel was requested (or the record is gone: nobody waits for it).
+
+        Raises:
+            AttemptSuperseded: ``attempt`` is no longer the job's current attempt.
         """
         key = self._keys.job(job_id)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.eval(_SET_IF_EXISTS, 1, key, "progress", json.dumps(progress))
+        pipe.eval(_SET_IF_EXISTS, 1, key, "progress", json.dumps(progress),
+                  "" if attempt is None else str(attempt))
         pipe.hmget(key, "status", "cancel_requested")
-        _, (status, flag) = pipe.execute()
+        written, (status, flag) = pipe.execute()
+        if written == -2:
+            raise AttemptSuperseded(job_id, attempt or 0)
         return status is None or flag == b"1" or status.decode() == JobStatus.CANCELED
 
     def request_cancel(self, job_id: str) -> str:
@@ -256,10 +334,11 @@ class JobStore:
         """True when someone asked to cancel this job."""
         return self._redis.hget(self._keys.job(job_id), "cancel_requested") == b"1"
 
-    def mark_canceled(self, job_id: str, message: str = "canceled while running") -> bool:
+    def mark_canceled(self, job_id: str, message: str = "canceled while running",
+                      attempt: int | None = None) -> bool:
         """Running (or queued) -> canceled, once the worker has stopped and cleaned up."""
         return self._finish(job_id, JobStatus.CANCELED,
-                            error={"code": "canceled", "message": message})
+                            error={"code": "canceled", "message": message}, attempt=attempt)
 
     def trim_index(self) -> int:
         """Drop ids older than the job TTL from the jobs index; return how many."""
@@ -334,13 +413,16 @@ class JobStore:
             pipe.hgetall(self._keys.job(job_id))
         return [r for r in map(self._record, pipe.execute()) if r is not None]
 
-    def succeed(self, job_id: str, result: dict[str, Any], progress: dict | None = None) -> bool:
-        """Running -> succeeded with a JSON result."""
-        return self._finish(job_id, JobStatus.SUCCEEDED, result=result, progress=progress)
+    def succeed(self, job_id: str, result: dict[str, Any], progress: dict | None = None,
+                attempt: int | None = None) -> bool:
+        """Running -> succeeded with a JSON result (only by the current ``attempt`` if given)."""
+        return self._finish(job_id, JobStatus.SUCCEEDED, result=result, progress=progress,
+                            attempt=attempt)
 
-    def fail(self, job_id: str, code: str, message: str) -> bool:
+    def fail(self, job_id: str, code: str, message: str, attempt: int | None = None) -> bool:
         """Queued/running -> failed with ``{"code", "message"}``."""
-        return self._finish(job_id, JobStatus.FAILED, error={"code": code, "message": message})
+        return self._finish(job_id, JobStatus.FAILED, error={"code": code, "message": message},
+                            attempt=attempt)
 
     def _finish(
         self,
@@ -349,6 +431,7 @@ class JobStore:
         result: dict | None = None,
         error: dict | None = None,
         progress: dict | None = None,
+        attempt: int | None = None,
     ) -> bool:
         fields: dict[str, str] = {"finished_at": now_iso()}
         if result is not None:
@@ -357,7 +440,8 @@ class JobStore:
             fields["error"] = json.dumps(error)
         if progress is not None:
             fields["progress"] = json.dumps(progress)
-        changed = self._transition(job_id, status, {JobStatus.QUEUED, JobStatus.RUNNING}, fields)
+        changed = self._transition(job_id, status, {JobStatus.QUEUED, JobStatus.RUNNING}, fields,
+                                   attempt)
         if changed:  # wake long-polling readers (GET /jobs/<id>?wait=N)
             self._redis.publish(self._keys.job_events(job_id), str(status))
         return changed

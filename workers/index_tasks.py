@@ -23,10 +23,10 @@ def index_images(job_id: str, spec: dict) -> dict:
     """Add a folder or uploaded files to the active version (see ``workers.indexing``)."""
     ctx = get_context(settings)
 
-    def work():
+    def work(attempt: int):
         from workers.indexing import run_index
 
-        report = ThrottledProgress(ctx, job_id)
+        report = ThrottledProgress(ctx, job_id, attempt=attempt)
         try:
             result = run_index(settings, ctx.redis, ctx.models, spec, ctx.device, report,
                                threads=max(2, ctx.threads))
@@ -43,7 +43,7 @@ def search(job_id: str, spec: dict) -> dict:
     """Query by an indexed image's id, or by one or several spooled uploads, with options."""
     ctx = get_context(settings)
 
-    def work():
+    def work(_attempt: int):
         from workers.search import run_query, run_query_by_id
 
         k, probes, exact = spec["k"], spec.get("probes"), bool(spec.get("exact"))

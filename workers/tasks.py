@@ -6,10 +6,11 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from shared.jobs import QUERY_TASK, TRAIN_TASK
+from shared.jobs import QUERY_TASK, TRAIN_TASK, AttemptSuperseded
 from shared.schema import TrainParams
 from workers.celery_app import app, settings
 from workers.context import WorkerContext, get_context
@@ -22,15 +23,18 @@ class ThrottledProgress:
     """Writes progress to the job record at most every ``interval`` seconds (phase changes now).
 
     With ``cancellable`` each write also reads the job's cancel flag in the same round trip and
-    raises ``JobCanceled`` once it is set, so a training stops at its next batch report.
+    raises ``JobCanceled`` once it is set, so a training stops at its next batch report. Every
+    write is fenced by the run's ``attempt``: a run whose job was started again elsewhere (its
+    worker was presumed lost) raises ``AttemptSuperseded`` at its next report.
     """
 
     def __init__(self, ctx: WorkerContext, job_id: str, interval: float = 0.5,
-                 cancellable: bool = False) -> None:
+                 cancellable: bool = False, attempt: int | None = None) -> None:
         self._ctx = ctx
         self._job_id = job_id
         self._interval = interval
         self._cancellable = cancellable
+        self._attempt = attempt
         self._last = 0.0
         self._phase = None
         self.state: dict = {}
@@ -44,36 +48,52 @@ class ThrottledProgress:
         if now - self._last >= self._interval:
             self._last = now
             if not self._cancellable:
-                self._ctx.jobs.set_progress(self._job_id, self.state)
-            elif self._ctx.jobs.report_and_check_cancel(self._job_id, self.state):
+                self._ctx.jobs.set_progress(self._job_id, self.state, self._attempt)
+            elif self._ctx.jobs.report_and_check_cancel(self._job_id, self.state, self._attempt):
                 raise JobCanceled(self._job_id)
 
 
-def _run(ctx: WorkerContext, job_id: str, work) -> dict:
-    if not ctx.jobs.mark_running(job_id):
-        # Finished, canceled or expired already (e.g. a redelivered message): never run twice.
+def _run(ctx: WorkerContext, job_id: str, work: Callable[[int], tuple[dict, dict]]) -> dict:
+    """Run one attempt of a job: mark it running, call ``work(attempt)``, record the outcome.
+
+    Every write of the outcome is fenced by the attempt number, so a run that was superseded
+    (its message restored and started again after its worker was presumed lost) never
+    overwrites what the current attempt records.
+    """
+    attempt = ctx.jobs.mark_running(job_id, ctx.settings.max_attempts)
+    if not attempt:
+        # Finished, canceled, expired or out of attempts (e.g. a redelivered message).
         return {"job_id": job_id, "skipped": True}
     if ctx.jobs.cancel_requested(job_id):  # asked while the message was being delivered again
-        ctx.jobs.mark_canceled(job_id)
+        ctx.jobs.mark_canceled(job_id, attempt=attempt)
         return {"job_id": job_id, "status": "canceled"}
     try:
-        result, progress = work()
-    except JobCanceled:
-        # Whatever was written is already removed (the pipeline cleans up on any exception).
-        ctx.jobs.mark_canceled(job_id)
-        return {"job_id": job_id, "status": "canceled"}
-    except JobError as exc:
-        ctx.jobs.fail(job_id, exc.code, exc.message)
-        return {"job_id": job_id, "status": "failed"}
-    except SoftTimeLimitExceeded:
-        ctx.jobs.fail(job_id, "time_limit", "the job ran past its time limit")
-        return {"job_id": job_id, "status": "failed"}
-    except Exception as exc:
-        log.exception("job %s failed", job_id)
-        ctx.jobs.fail(job_id, "internal_error", f"{type(exc).__name__}: {exc}")
-        return {"job_id": job_id, "status": "failed"}
-    ctx.jobs.succeed(job_id, result, progress)
-    return {"job_id": job_id, "status": "succeeded"}
+        try:
+            result, progress = work(attempt)
+        except JobCanceled:
+            # Whatever was written is already removed (the pipeline cleans up on any exception).
+            ctx.jobs.mark_canceled(job_id, attempt=attempt)
+            return {"job_id": job_id, "status": "canceled"}
+        except JobError as exc:
+            ctx.jobs.fail(job_id, exc.code, exc.message, attempt=attempt)
+            return {"job_id": job_id, "status": "failed"}
+        except SoftTimeLimitExceeded:
+            ctx.jobs.fail(job_id, "time_limit", "the job ran past its time limit",
+                          attempt=attempt)
+            return {"job_id": job_id, "status": "failed"}
+        except AttemptSuperseded:
+            raise
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            ctx.jobs.fail(job_id, "internal_error", f"{type(exc).__name__}: {exc}",
+                          attempt=attempt)
+            return {"job_id": job_id, "status": "failed"}
+        ctx.jobs.succeed(job_id, result, progress, attempt=attempt)
+    except AttemptSuperseded:
+        log.warning("job %s: attempt %d was superseded by a later start; stopped", job_id,
+                    attempt)
+        return {"job_id": job_id, "status": "superseded", "attempt": attempt}
+    return {"job_id": job_id, "status": "succeeded", "attempt": attempt}
 
 
 @app.task(name=TRAIN_TASK, soft_time_limit=settings.train_time_limit_s,
@@ -83,7 +103,7 @@ def train(job_id: str, params: dict) -> dict:
     ctx = get_context(settings)
     earlier = ctx.jobs.get(job_id)
 
-    def work():
+    def work(attempt: int):
         from workers.device import torch_threads  # torch only in the child process
         from workers.pipeline import run_training
         from workers.redelivery import settle_earlier_attempt
@@ -92,7 +112,7 @@ def train(job_id: str, params: dict) -> dict:
             done = settle_earlier_attempt(settings, ctx.redis, earlier)
             if done is not None:
                 return done, {**earlier["progress"], "phase": "done"}
-        report = ThrottledProgress(ctx, job_id, cancellable=True)
+        report = ThrottledProgress(ctx, job_id, cancellable=True, attempt=attempt)
         # Training gets every core (or IMGSIM_TRAIN_THREADS); queries keep their fair share.
         cores = settings.train_threads or os.cpu_count() or 1
         with torch_threads(cores):
@@ -108,7 +128,7 @@ def query(job_id: str, upload_key: str, k: int) -> dict:
     """Find the k indexed images most similar to a spooled upload."""
     ctx = get_context(settings)
 
-    def work():
+    def work(_attempt: int):
         from workers.search import run_query
 
         data = ctx.redis.get(upload_key)
