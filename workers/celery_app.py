@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 
 import redis
 from celery import Celery, signals
-from kombu import Queue
+from celery.exceptions import TimeLimitExceeded
+from kombu import Exchange, Queue
 
 from shared.jobs import (
     EVALUATE_TASK,
@@ -19,8 +19,10 @@ from shared.jobs import (
     SEARCH_TASK,
     TRAIN_QUEUE,
     TRAIN_TASK,
+    JobStore,
 )
 from shared.keys import Keys
+from shared.redis_clients import broker_transport_options, worker_redis
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,27 +30,48 @@ settings = Settings.from_env()
 keys = Keys(settings.key_prefix)
 train_queue, query_queue = keys.queue(TRAIN_QUEUE), keys.queue(QUERY_QUEUE)
 
+
+def _queue(name: str) -> Queue:
+    # Each queue on its own direct exchange with its own routing key. Left to Celery's default
+    # both queues were bound to one exchange under one key, so a task a worker published (the
+    # version clean-up) was copied into both queues.
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
 app = Celery("imgsim", broker=settings.redis_url, include=["workers.tasks", "workers.index_tasks",
                                                      "workers.evaluation_tasks"])
 app.conf.update(
+    # kombu's Redis transport without its restore-on-close (see workers/broker.py).
+    broker_transport="workers.broker:Transport",
     task_serializer="json",
     accept_content=["json"],
     result_serializer="json",
     task_ignore_result=True,  # job records live in our own Redis hashes
+    # At-least-once: a message is acked only after its task returned; a prefork child that dies
+    # (SIGKILL, OOM) has its message requeued at once by the parent. Tasks are idempotent
+    # (attempt-fenced job records, a redelivered training settles what the lost run wrote).
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,  # a long training never holds queued queries hostage
     worker_concurrency=settings.worker_concurrency,
     # A plain `celery worker` serves both queues; `-Q <prefix>.train` or `.query` splits them.
-    task_queues=[Queue(train_queue), Queue(query_queue)],
+    task_queues=[_queue(train_queue), _queue(query_queue)],
     task_routes={TRAIN_TASK: {"queue": train_queue}, QUERY_TASK: {"queue": query_queue},
                  INDEX_TASK: {"queue": train_queue}, SEARCH_TASK: {"queue": query_queue},
                  GC_VERSIONS_TASK: {"queue": train_queue},
                  EVALUATE_TASK: {"queue": train_queue}},
     task_default_queue=query_queue,
+    # Redis down or restarting: keep reconnecting (2 s, 4 s, ... at most 10 s apart), forever.
+    broker_connection_retry=True,
     broker_connection_retry_on_startup=True,
-    # Redelivery of unacked tasks must not start before the longest training could end.
-    broker_transport_options={"visibility_timeout": settings.train_time_limit_s + 600},
+    broker_connection_max_retries=None,
+    broker_connection_timeout=5,
+    # A training keeps running through a broker reconnection; its ack, lost with the old
+    # connection, is settled by the recovery sweep (workers/recovery.py) once the job ended.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
+    # Redelivery by kombu's visibility timeout must not start before the longest training could
+    # end; lost workers are detected sooner by heartbeat (workers/recovery.py).
+    broker_transport_options=broker_transport_options(settings),
     worker_hijack_root_logger=False,
 )
 
@@ -63,26 +86,33 @@ def _init_child(**_kwargs) -> None:
     init_context(settings, threads)
 
 
-def _heartbeat(hostname: str, stop: threading.Event) -> None:
-    client = redis.Redis.from_url(settings.redis_url)
-    key = keys.worker_heartbeat(hostname)
-    while not stop.is_set():
-        try:
-            client.set(key, "1", ex=30)
-        except redis.RedisError as exc:  # Redis down: /readyz will say so; keep trying
-            log.warning("heartbeat failed: %s", exc)
-        stop.wait(10)
-
-
-_stop_heartbeat = threading.Event()
+_supervisor = None
 
 
 @signals.worker_ready.connect
-def _start_heartbeat(sender=None, **_kwargs) -> None:
-    hostname = getattr(sender, "hostname", None) or socket.gethostname()
-    threading.Thread(target=_heartbeat, args=(hostname, _stop_heartbeat), daemon=True).start()
+def _start_supervisor(sender=None, **_kwargs) -> None:
+    global _supervisor
+    from workers.recovery import Supervisor  # parent only; no torch
+
+    nodename = getattr(sender, "hostname", None) or socket.gethostname()
+    _supervisor = Supervisor(app, settings, nodename)
+    _supervisor.start()
 
 
 @signals.worker_shutdown.connect
 def _stop(**_kwargs) -> None:
-    _stop_heartbeat.set()
+    if _supervisor is not None:
+        _supervisor.stop()
+
+
+@signals.task_failure.connect
+def _hard_time_limit(sender=None, task_id=None, exception=None, **_kwargs) -> None:
+    # Sent in the parent when it killed a child past the hard time limit: the task's own code
+    # could not record anything, so the job would otherwise stay "running" for ever.
+    if not isinstance(exception, TimeLimitExceeded) or not task_id:
+        return
+    try:
+        JobStore(worker_redis(settings), keys, settings.job_ttl_s).fail(
+            task_id, "time_limit", f"the job was stopped at its hard time limit ({exception})")
+    except redis.RedisError as exc:
+        log.warning("job %s: could not record the hard time limit: %s", task_id, exc)

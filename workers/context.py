@@ -9,6 +9,7 @@ import redis
 
 from shared.jobs import JobStore
 from shared.keys import Keys
+from shared.redis_clients import worker_redis
 from shared.settings import Settings
 
 
@@ -41,7 +42,7 @@ _context: WorkerContext | None = None
 def init_context(settings: Settings, threads: int) -> WorkerContext:
     """Create this process's context (called from worker_process_init, after fork)."""
     global _context
-    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    client = worker_redis(settings)  # retries with backoff: a Redis restart is waited out
     keys = Keys(settings.key_prefix)
     _context = WorkerContext(settings, client, keys, JobStore(client, keys, settings.job_ttl_s),
                              threads)
