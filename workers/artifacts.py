@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -85,7 +86,11 @@ def save_version(
     staging.mkdir()
     try:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save(state, staging / WEIGHTS)
+        # Serialised in memory, then written by Python: a full or read-only disk surfaces as
+        # an OSError naming the cause (torch's own file writer reports only "write failed").
+        weights = io.BytesIO()
+        torch.save(state, weights)
+        (staging / WEIGHTS).write_bytes(weights.getbuffer())
         np.save(staging / VECTORS, np.ascontiguousarray(vectors, dtype=np.float32))
         np.save(staging / PLANES, np.asarray(planes, dtype=np.float32))
         np.save(staging / CENTER, np.asarray(center, dtype=np.float32))

@@ -7,6 +7,7 @@ decoder code and library versions), so later jobs on an unchanged folder skip de
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -138,7 +139,8 @@ class PixelCache:
             log.warning("pixel cache entry %s does not match its manifest; decoding again", key)
             shutil.rmtree(entry, ignore_errors=True)
             return None
-        os.utime(entry / MANIFEST)  # recently used: pruned last
+        with contextlib.suppress(OSError):  # a read-only or full disk still serves the hit
+            os.utime(entry / MANIFEST)  # recently used: pruned last
         entries = [ImageEntry(image_id, path) for image_id, path in manifest["entries"]]
         skipped = [Skipped(path, reason) for path, reason in manifest["skipped"]]
         return pixels, entries, skipped
