@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -45,14 +46,25 @@ class Processes:
         self.procs[name] = proc
         return proc
 
-    def start_worker(self, name: str, concurrency: int = 1,
-                     queues: str | None = None) -> subprocess.Popen:
-        """A Celery worker; ``queues`` (comma-separated full names) limits what it consumes."""
-        return self._spawn(name, [
-            str(BIN / "celery"), "-A", "workers.celery_app", "worker", "--loglevel=INFO",
-            "-n", f"{name}@%h", f"--concurrency={concurrency}", "--without-gossip",
-            "--without-mingle", *(["-Q", queues] if queues else []),
-        ])
+    def start_worker(self, name: str, concurrency: int = 1, queues: str | None = None,
+                     env: dict[str, str] | None = None,
+                     wrap: list[str] | None = None) -> subprocess.Popen:
+        """A Celery worker; ``queues`` (comma-separated full names) limits what it consumes.
+
+        ``env`` adds variables for this process only; ``wrap`` is a command that execs the
+        worker's command line given as its trailing arguments (same pid).
+        """
+        saved = self.env
+        self.env = {**saved, **(env or {})}
+        try:
+            return self._spawn(name, [
+                *(wrap or []),
+                str(BIN / "celery"), "-A", "workers.celery_app", "worker", "--loglevel=INFO",
+                "-n", f"{name}@%h", f"--concurrency={concurrency}", "--without-gossip",
+                "--without-mingle", *(["-Q", queues] if queues else []),
+            ])
+        finally:
+            self.env = saved
 
     def start_api(self, port: int, name: str = "api",
                   env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -168,3 +180,80 @@ def service_stack(redis_url: str, data_root: Path, artifacts: Path, log_dir: Pat
         procs.stop_all()
         delete_prefix(client, prefix)
         client.close()
+
+
+def wait_for_worker(client: redis.Redis, prefix: str, name: str, pid: int,
+                    timeout: float = 90.0) -> None:
+    """Wait until the worker ``name`` started as process ``pid`` wrote its own heartbeat."""
+    key = f"{prefix}:worker:{name}@{socket.gethostname()}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        raw = client.get(key)
+        if raw and json.loads(raw).get("pid") == pid:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"worker {name} (pid {pid}) did not report within {timeout}s")
+
+
+class RedisServer:
+    """A redis-server of the test's own (Debian's binary) on a free port, append-only file on,
+    so a test can stop, hang and restart it without disturbing anyone else's Redis."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        self.client = redis.Redis(port=self.port, socket_connect_timeout=2, socket_timeout=10)
+
+    def start(self, timeout: float = 20.0) -> None:
+        with open(self.folder / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--dir", str(self.folder), "--appendonly", "yes", "--appendfsync", "everysec",
+                 "--save", ""],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with suppress(redis.RedisError):
+                # while it loads the append-only file, commands are refused
+                if self.client.ping() and self.client.info("persistence").get("loading") == 0:
+                    return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not come up: {self.log()}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM: Redis flushes its append-only file and exits."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        self.proc.wait(timeout=timeout)
+        self.proc = None
+        self.client.connection_pool.disconnect()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: Redis accepts connections but answers nothing (a hung server)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            with suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+                self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def log(self) -> str:
+        path = self.folder / "redis.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""

@@ -1,0 +1,148 @@
+"""Job attempts (fencing) and the lost-worker sweep, against the real Redis (no worker needed).
+
+The sweep is driven with real Celery messages: sent by the API's way (``send_task``), taken off
+the queue and filed in the ``unacked`` hash exactly as kombu files a delivered message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from celery import Celery
+
+from shared.jobs import QUERY_TASK, AttemptSuperseded, JobStatus, JobStore, JobType
+from shared.keys import Keys
+from shared.redis_clients import broker_transport_options
+from shared.settings import Settings
+from workers.recovery import Supervisor
+
+# --------------------------------------------------------------------------- attempts
+
+
+@pytest.fixture
+def store(redis_client, key_prefix):
+    return JobStore(redis_client, Keys(key_prefix), ttl_s=600)
+
+
+def test_every_start_is_a_new_attempt_and_the_limit_fails_the_job(store):
+    job = store.create(JobType.TRAIN, {"dataset": "x"})
+    assert store.mark_running(job["job_id"], max_attempts=2) == 1
+    assert store.mark_running(job["job_id"], max_attempts=2) == 2  # delivered again
+    assert store.get(job["job_id"])["attempts"] == 2
+    assert store.mark_running(job["job_id"], max_attempts=2) == 0  # lost twice: give up
+    record = store.get(job["job_id"])
+    assert record["status"] == JobStatus.FAILED and record["error"]["code"] == "worker_lost"
+    assert "started 2 time(s)" in record["error"]["message"]
+    assert store.mark_running(job["job_id"], max_attempts=5) == 0  # ended: never again
+
+
+def test_a_superseded_attempt_cannot_write_progress_or_an_outcome(store):
+    job_id = store.create(JobType.TRAIN, {})["job_id"]
+    first = store.mark_running(job_id)
+    second = store.mark_running(job_id)
+    store.set_progress(job_id, {"phase": "train", "epoch": 1}, second)
+    with pytest.raises(AttemptSuperseded):
+        store.set_progress(job_id, {"phase": "stale"}, first)
+    with pytest.raises(AttemptSuperseded):
+        store.report_and_check_cancel(job_id, {"phase": "stale"}, first)
+    with pytest.raises(AttemptSuperseded):
+        store.succeed(job_id, {"from": "first"}, attempt=first)
+    with pytest.raises(AttemptSuperseded):
+        store.fail(job_id, "x", "y", attempt=first)
+    assert store.get(job_id)["progress"] == {"phase": "train", "epoch": 1}
+    assert store.succeed(job_id, {"from": "second"}, attempt=second)
+    assert store.get(job_id)["result"] == {"from": "second"}
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+@pytest.fixture
+def sweep(redis_url, redis_client, key_prefix):
+    settings = Settings.from_env({"IMGSIM_REDIS_URL": redis_url, "IMGSIM_KEY_PREFIX": key_prefix,
+                                  "IMGSIM_HEARTBEAT_S": "1"})
+    app = Celery("test-recovery", broker=redis_url)
+    app.conf.update(task_serializer="json", accept_content=["json"],
+                    broker_transport="workers.broker:Transport",
+                    broker_transport_options=broker_transport_options(settings))
+    supervisor = Supervisor(app, settings, f"sweeper@{key_prefix}")
+    queue = Keys(key_prefix).queue("query")
+    store = JobStore(redis_client, Keys(key_prefix), settings.job_ttl_s)
+
+    def deliver(status: str | None, age_s: float, task: str = QUERY_TASK) -> str:
+        """A job message sent, then taken by a worker ``age_s`` seconds ago (not acked)."""
+        job_id = store.create(JobType.QUERY, {})["job_id"]
+        if status == "running":
+            store.mark_running(job_id)
+        elif status == "succeeded":
+            store.mark_running(job_id)
+            store.succeed(job_id, {})
+        elif status is None:
+            redis_client.delete(Keys(key_prefix).job(job_id))
+        app.send_task(task, args=[job_id], task_id=job_id, queue=queue)
+        raw = redis_client.rpop(queue)
+        payload = json.loads(raw)
+        tag = payload["properties"]["delivery_tag"]
+        redis_client.hset(f"{key_prefix}.unacked", tag, json.dumps([payload, "", queue]))
+        redis_client.zadd(f"{key_prefix}.unacked_index", {tag: time.time() - age_s})
+        return job_id
+
+    def queued() -> list[str]:
+        return [json.loads(raw)["headers"]["id"] for raw in redis_client.lrange(queue, 0, -1)]
+
+    def unacked() -> set[str]:
+        return {json.loads(raw)[0]["headers"]["id"]
+                for raw in redis_client.hvals(f"{key_prefix}.unacked")}
+
+    yield {"supervisor": supervisor, "deliver": deliver, "queued": queued, "unacked": unacked,
+           "redis": redis_client, "prefix": key_prefix}
+    for name in ("query", "train"):
+        redis_client.delete(f"_kombu.binding.{key_prefix}.{name}")
+
+
+def test_sweep_restores_only_job_messages_no_live_worker_holds(sweep):
+    deliver, supervisor = sweep["deliver"], sweep["supervisor"]
+    lost_running = deliver("running", age_s=60)
+    lost_queued = deliver("queued", age_s=60)  # taken, never started: the worker died first
+    recent = deliver("running", age_s=0.5)  # its worker may not have beaten yet
+    held = deliver("running", age_s=60)
+    ended = deliver("succeeded", age_s=60)  # its ack was lost
+    expired = deliver(None, age_s=60)
+    other = deliver("running", age_s=60, task="imgsim.gc_versions")  # not a job: kombu's
+    sweep["redis"].set(f"{sweep['prefix']}:worker:alive@host",
+                       json.dumps({"pid": 1, "tasks": [held]}), ex=30)
+
+    outcome = supervisor.sweep()
+
+    assert sorted(outcome["restored"]) == sorted([lost_running, lost_queued])
+    assert sorted(outcome["dropped"]) == sorted([ended, expired])
+    assert sorted(sweep["queued"]()) == sorted([lost_running, lost_queued])
+    assert sweep["unacked"]() == {recent, held, other}
+    assert supervisor.sweep() == {"restored": [], "dropped": []}  # nothing twice
+
+
+def test_sweep_leaves_everything_while_a_live_worker_does_not_list_its_tasks(sweep):
+    lost = sweep["deliver"]("running", age_s=60)
+    sweep["redis"].set(f"{sweep['prefix']}:worker:old@host", "1", ex=30)  # an older worker
+    assert sweep["supervisor"].sweep() == {"restored": [], "dropped": []}
+    assert sweep["unacked"]() == {lost}
+
+
+def test_only_one_worker_sweeps_at_a_time(sweep):
+    lost = sweep["deliver"]("running", age_s=60)
+    sweep["redis"].set(f"{sweep['prefix']}:recovery_lock", "another", ex=30)
+    assert sweep["supervisor"].sweep() == {"restored": [], "dropped": []}
+    sweep["redis"].delete(f"{sweep['prefix']}:recovery_lock")
+    assert sweep["supervisor"].sweep()["restored"] == [lost]
+
+
+def test_heartbeat_lists_held_tasks_and_goes_on_shutdown(sweep):
+    supervisor, client = sweep["supervisor"], sweep["redis"]
+    supervisor.beat()
+    key = f"{sweep['prefix']}:worker:{supervisor.nodename}"
+    beat = json.loads(client.get(key))
+    assert beat["tasks"] == [] and 0 < client.ttl(key) <= 3  # 3 periods of 1 s
+    supervisor.stop()
+    assert not client.exists(key)
