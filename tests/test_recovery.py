@@ -7,10 +7,14 @@ the queue and filed in the ``unacked`` hash exactly as kombu files a delivered m
 from __future__ import annotations
 
 import json
+import socket
 import time
+from types import SimpleNamespace
 
 import pytest
+import redis
 from celery import Celery
+from celery.exceptions import Reject
 
 from shared.jobs import QUERY_TASK, AttemptSuperseded, JobStatus, JobStore, JobType
 from shared.keys import Keys
@@ -54,6 +58,47 @@ def test_a_superseded_attempt_cannot_write_progress_or_an_outcome(store):
     assert store.get(job_id)["progress"] == {"phase": "train", "epoch": 1}
     assert store.succeed(job_id, {"from": "second"}, attempt=second)
     assert store.get(job_id)["result"] == {"from": "second"}
+
+
+def test_a_run_redis_cannot_record_is_rejected_for_redelivery_not_acked(store):
+    from workers.tasks import _run  # no torch: the worker's task wrapper only
+
+    ctx = SimpleNamespace(jobs=store, settings=Settings.from_env({}))
+    job_id = store.create(JobType.QUERY, {})["job_id"]
+
+    def redis_gone(_attempt):
+        raise redis.ConnectionError("Redis went away for longer than the retries")
+
+    with pytest.raises(Reject) as info:
+        _run(ctx, job_id, redis_gone)
+    assert info.value.requeue
+    assert store.get(job_id)["status"] == JobStatus.RUNNING  # runs again when redelivered
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    down = JobStore(redis.Redis(port=closed, socket_connect_timeout=1, retry=None),
+                    store._keys, 600)
+    with pytest.raises(Reject):
+        _run(SimpleNamespace(jobs=down, settings=ctx.settings), job_id, redis_gone)
+
+
+def test_a_superseded_run_stops_without_recording_anything(store):
+    from workers.tasks import _run
+
+    ctx = SimpleNamespace(jobs=store, settings=Settings.from_env({}))
+    job_id = store.create(JobType.QUERY, {})["job_id"]
+
+    def overtaken(attempt):
+        store.mark_running(job_id)  # the message was restored and started again elsewhere
+        store.set_progress(job_id, {"phase": "late"}, attempt)
+        return {}, {}
+
+    assert _run(ctx, job_id, overtaken) == {"job_id": job_id, "status": "superseded",
+                                            "attempt": 1}
+    record = store.get(job_id)
+    assert record["status"] == JobStatus.RUNNING and record["attempts"] == 2
+    assert record["progress"] == {}
 
 
 # --------------------------------------------------------------------------- sweep

@@ -8,7 +8,8 @@ import socket
 import time
 from collections.abc import Callable
 
-from celery.exceptions import SoftTimeLimitExceeded
+import redis
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from shared.jobs import QUERY_TASK, TRAIN_TASK, AttemptSuperseded
 from shared.schema import TrainParams
@@ -58,16 +59,18 @@ def _run(ctx: WorkerContext, job_id: str, work: Callable[[int], tuple[dict, dict
 
     Every write of the outcome is fenced by the attempt number, so a run that was superseded
     (its message restored and started again after its worker was presumed lost) never
-    overwrites what the current attempt records.
+    overwrites what the current attempt records. When Redis stays unreachable beyond the
+    client's retries, the message is rejected for redelivery instead of acked: acking it would
+    leave a job that nothing records or runs again.
     """
-    attempt = ctx.jobs.mark_running(job_id, ctx.settings.max_attempts)
-    if not attempt:
-        # Finished, canceled, expired or out of attempts (e.g. a redelivered message).
-        return {"job_id": job_id, "skipped": True}
-    if ctx.jobs.cancel_requested(job_id):  # asked while the message was being delivered again
-        ctx.jobs.mark_canceled(job_id, attempt=attempt)
-        return {"job_id": job_id, "status": "canceled"}
     try:
+        attempt = ctx.jobs.mark_running(job_id, ctx.settings.max_attempts)
+        if not attempt:
+            # Finished, canceled, expired or out of attempts (e.g. a redelivered message).
+            return {"job_id": job_id, "skipped": True}
+        if ctx.jobs.cancel_requested(job_id):  # asked while the message was delivered again
+            ctx.jobs.mark_canceled(job_id, attempt=attempt)
+            return {"job_id": job_id, "status": "canceled"}
         try:
             result, progress = work(attempt)
         except JobCanceled:
@@ -81,7 +84,7 @@ def _run(ctx: WorkerContext, job_id: str, work: Callable[[int], tuple[dict, dict
             ctx.jobs.fail(job_id, "time_limit", "the job ran past its time limit",
                           attempt=attempt)
             return {"job_id": job_id, "status": "failed"}
-        except AttemptSuperseded:
+        except (AttemptSuperseded, redis.RedisError):
             raise
         except Exception as exc:
             log.exception("job %s failed", job_id)
@@ -89,10 +92,14 @@ def _run(ctx: WorkerContext, job_id: str, work: Callable[[int], tuple[dict, dict
                           attempt=attempt)
             return {"job_id": job_id, "status": "failed"}
         ctx.jobs.succeed(job_id, result, progress, attempt=attempt)
-    except AttemptSuperseded:
+    except AttemptSuperseded as exc:
         log.warning("job %s: attempt %d was superseded by a later start; stopped", job_id,
-                    attempt)
-        return {"job_id": job_id, "status": "superseded", "attempt": attempt}
+                    exc.attempt)
+        return {"job_id": job_id, "status": "superseded", "attempt": exc.attempt}
+    except redis.RedisError as exc:
+        log.warning("job %s: Redis unreachable (%s); message rejected for redelivery", job_id,
+                    exc)
+        raise Reject(f"Redis unreachable: {exc}", requeue=True) from exc
     return {"job_id": job_id, "status": "succeeded", "attempt": attempt}
 
 
