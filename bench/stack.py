@@ -35,13 +35,14 @@ class BenchStack:
         data_root: IMGSIM_DATA_ROOT of the stack.
         redis_url: Redis to use (a private random key prefix keeps it apart from anything else).
         worker_processes: Celery prefork processes (one worker).
-        api_workers: gunicorn worker processes (4 threads each).
+        api_workers: gunicorn worker processes.
         env: extra IMGSIM_* settings.
+        api_threads: threads per gunicorn worker (each long-poll holds one while it waits).
     """
 
     def __init__(self, data_root: Path, redis_url: str = DEFAULT_REDIS_URL,
                  worker_processes: int = 2, api_workers: int = 2,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, api_threads: int = 4) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="imgsim-bench-"))
         self.prefix = f"imgsimbench{uuid.uuid4().hex[:8]}"
         self.redis_url = redis_url
@@ -50,6 +51,7 @@ class BenchStack:
         self.base = f"http://127.0.0.1:{self.port}"
         self.worker_processes = worker_processes
         self.api_workers = api_workers
+        self.api_threads = api_threads
         self.env = {
             **os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO),
             "IMGSIM_REDIS_URL": redis_url, "IMGSIM_KEY_PREFIX": self.prefix,
@@ -75,7 +77,8 @@ class BenchStack:
                                f"--concurrency={self.worker_processes}", "--without-gossip",
                                "--without-mingle"])
         self._spawn("api", [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{self.port}",
-                            "--workers", str(self.api_workers), "--threads", "4",
+                            "--workers", str(self.api_workers),
+                            "--threads", str(self.api_threads),
                             "--timeout", "60", "api.wsgi:app"])
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
