@@ -229,7 +229,7 @@ def test_environment_is_accepted_by_settings(services: dict, name: str) -> None:
     defaults = Settings()
     for field in ("key_prefix", "job_ttl_s", "upload_ttl_s", "max_upload_bytes",
                   "max_image_pixels", "torch_threads", "worker_concurrency",
-                  "train_time_limit_s"):
+                  "train_time_limit_s", "redis_timeout_s", "heartbeat_s", "max_attempts"):
         assert getattr(settings, field) == getattr(defaults, field), field
 
 
