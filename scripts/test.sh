@@ -5,6 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 IMGSIM_REDIS_URL=${IMGSIM_TEST_REDIS_URL:-redis://127.0.0.1:6379/15} bash scripts/ensure_redis.sh
+# The fault tests (marker "faults") start and restart a redis-server binary of their own, even
+# when the shared Redis above is another machine's.
+if ! command -v redis-server >/dev/null; then
+  echo "[test] installing redis-server (Debian package) for the fault tests"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
 .venv/bin/ruff check .
 # pytest exits 5 when it collected nothing; that is a failure here too (set -e).
 exec .venv/bin/python -m pytest "$@"

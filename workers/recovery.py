@@ -37,6 +37,8 @@ import uuid
 
 import redis
 from celery import Celery
+from redis.backoff import ConstantBackoff
+from redis.retry import Retry
 
 from shared.jobs import (
     EVALUATE_TASK,
@@ -48,7 +50,6 @@ from shared.jobs import (
     JobStore,
 )
 from shared.keys import Keys
-from shared.redis_clients import worker_redis
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,13 @@ class Supervisor:
         self.settings = settings
         self.nodename = nodename
         self.keys = Keys(settings.key_prefix)
-        self.redis = worker_redis(settings)
+        # Short, even retries: after a Redis restart the heartbeat must be back well within the
+        # 3 periods after which others would count this worker as lost.
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0,
+            retry=Retry(ConstantBackoff(0.5), 4,
+                        supported_errors=(redis.ConnectionError, redis.TimeoutError)),
+            health_check_interval=15)
         self.jobs = JobStore(self.redis, self.keys, settings.job_ttl_s)
         options = app.conf.broker_transport_options
         self.unacked_key = options["unacked_key"]
