@@ -441,6 +441,7 @@ def test_api_answers_503_json_quickly_while_redis_is_down_or_hung(stack):
                 assert response.json()["error"]["code"] in {"redis_unavailable",
                                                             "queue_unavailable"}
                 assert elapsed < 5.0, (fault, path, elapsed)  # 2 s timeouts, never a hang
+                print(f"redis {fault}: {method} {path.split('?')[0]} -> 503 in {elapsed:.2f}s")
             ready = api.call("GET", "/readyz", timeout=30)
             assert ready.status_code == 503 and ready.json()["checks"]["redis"] is False
         finally:
