@@ -15,10 +15,10 @@ def evaluate(job_id: str, params: dict) -> dict:
     """Precision/mAP at k, exact and through LSH, against baselines (``workers.evaluation``)."""
     ctx = get_context(settings)
 
-    def work():
+    def work(attempt: int):
         from workers.evaluation import run_evaluation
 
-        report = ThrottledProgress(ctx, job_id)
+        report = ThrottledProgress(ctx, job_id, attempt=attempt)
         result = run_evaluation(settings, ctx.redis, ctx.models, EvaluateParams.parse(params),
                                 ctx.device, report, threads=max(2, ctx.threads))
         return result, {**report.state, "phase": "done"}
