@@ -17,7 +17,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import delete_prefix
-from tests.integration.harness import BIN, REPO, Processes, free_port, wait_for_http
+from tests.integration.harness import BIN, Processes, free_port, wait_for_http
 from tests.openapi_check import Conformance
 
 pytestmark = pytest.mark.integration
@@ -170,7 +170,10 @@ def test_schemathesis_fuzz_finds_no_server_error_and_no_schema_violation(api, tm
                     "response_headers_conformance,response_schema_conformance,"
                     "negative_data_rejection,ignored_auth,unsupported_method",
         "--max-examples", str(FUZZ_EXAMPLES), "--seed", "20261204",
-        "--phases", "examples,coverage,fuzzing", "--workers", "2",
+        # One worker: schemathesis parses schemas from several threads with --workers 2, which
+        # trips CPython 3.11.7's "AST constructor recursion depth mismatch" (gh-106905) now
+        # and then; the crash was the tool's, never the API's.
+        "--phases", "examples,coverage,fuzzing", "--workers", "1",
         "--generation-database", "none", "--request-timeout", "40", "--no-color",
         "--suppress-health-check", "all",
         # /readyz answers a documented 503 here (no worker runs); it is checked live above.
@@ -185,4 +188,3 @@ def test_schemathesis_fuzz_finds_no_server_error_and_no_schema_violation(api, tm
     assert "No issues found" in output or "passed" in output.lower(), output[-3000:]
     log = api["procs"].log("api")
     assert "Traceback" not in log, log
-    assert str(REPO)  # the run used this checkout's app
