@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,6 +142,28 @@ class Stack:
     prefix: str
     procs: Processes
     redis: redis.Redis
+
+
+def copy_animals(dest: Path, per_class: int, start: int = 0,
+                 classes: tuple[str, ...] = ("cat", "dog", "panda")) -> dict[str, list[Path]]:
+    """Copy photos ``start .. start + per_class`` of each class folder of the animals dataset
+    into ``dest/<class>/`` (tests never write into the read-only dataset).
+
+    Returns:
+        The copies, per class, in name order.
+    """
+    from tests.conftest import DATASETS
+
+    animals = DATASETS / "animals"
+    if not animals.is_dir():
+        raise FileNotFoundError(f"integration tests need the animal photos at {animals}")
+    copies: dict[str, list[Path]] = {}
+    for label in classes:
+        (dest / label).mkdir(parents=True, exist_ok=True)
+        copies[label] = []
+        for path in sorted((animals / label).iterdir())[start : start + per_class]:
+            copies[label].append(Path(shutil.copy(path, dest / label / path.name)))
+    return copies
 
 
 @contextmanager

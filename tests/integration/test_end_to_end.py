@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import io
-import shutil
 import threading
 import time
 import uuid
 
 import pytest
-import redis
 import requests
 from PIL import Image, ImageOps
 
-from tests.conftest import DATASETS, delete_prefix
-from tests.integration.harness import (
-    Processes,
-    free_port,
-    wait_for_http,
-    wait_for_job,
-    wait_for_workers,
-)
+from tests.integration.harness import copy_animals, service_stack, wait_for_job
 
 pytestmark = pytest.mark.integration
 PER_CLASS = 12
@@ -28,46 +19,16 @@ PER_CLASS = 12
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, redis_url):
-    animals = DATASETS / "animals"
-    if not animals.is_dir():
-        pytest.fail(f"end-to-end tests need the animal photos at {animals}")
     root = tmp_path_factory.mktemp("data")
     subset = root / "animals_subset"
-    for label in ("cat", "dog", "panda"):
-        (subset / label).mkdir(parents=True)
-        for path in sorted((animals / label).iterdir())[:PER_CLASS]:
-            shutil.copy(path, subset / label / path.name)
+    copy_animals(subset, PER_CLASS)
     (root / "empty_folder").mkdir()
     (root / "text_only").mkdir()
     (root / "text_only" / "notes.txt").write_text("not an image")
-    prefix = f"imgsimtest{uuid.uuid4().hex[:8]}"
-    logs = tmp_path_factory.mktemp("logs")
-    env = {
-        "IMGSIM_REDIS_URL": redis_url,
-        "IMGSIM_KEY_PREFIX": prefix,
-        "IMGSIM_DATA_ROOT": str(root),
-        "IMGSIM_ARTIFACTS_DIR": str(tmp_path_factory.mktemp("artifacts")),
-        "IMGSIM_TORCH_THREADS": "1",
-        "IMGSIM_WORKER_CONCURRENCY": "1",
-    }
-    procs = Processes(env, logs)
-    client = redis.Redis.from_url(redis_url)
-    port = free_port()
-    try:
-        procs.start_worker("w1")
-        procs.start_worker("w2")
-        procs.start_api(port)
-        base = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{base}/healthz")
-        wait_for_workers(client, prefix, 2)
-        yield {"base": base, "root": root, "subset": subset, "prefix": prefix,
-               "redis": client, "procs": procs}
-    except BaseException:
-        print(procs.log("w1"), procs.log("w2"), procs.log("api"))
-        raise
-    finally:
-        procs.stop_all()
-        delete_prefix(client, prefix)
+    with service_stack(redis_url, root, tmp_path_factory.mktemp("artifacts"),
+                       tmp_path_factory.mktemp("logs"), workers=2) as stack:
+        yield {"base": stack.base, "root": root, "subset": subset, "prefix": stack.prefix,
+               "redis": stack.redis, "procs": stack.procs}
 
 
 def _png_bytes(image: Image.Image) -> bytes:

@@ -11,8 +11,8 @@ import sys
 import pytest
 import requests
 
-from tests.conftest import DATASETS, REPO
-from tests.integration.harness import service_stack, wait_for_job
+from tests.conftest import REPO
+from tests.integration.harness import copy_animals, service_stack, wait_for_job
 
 pytestmark = pytest.mark.integration
 CLASSES = ("cat", "dog", "panda")
@@ -22,22 +22,14 @@ K = 5
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, redis_url):
-    animals = DATASETS / "animals"
-    if not animals.is_dir():
-        pytest.fail(f"evaluation tests need the animal photos at {animals}")
     root = tmp_path_factory.mktemp("data")
-    held_files = {}
-    for label in CLASSES:
-        photos = sorted((animals / label).iterdir())
-        (root / "base" / label).mkdir(parents=True)
-        (root / "held" / label).mkdir(parents=True)
-        for path in photos[:INDEXED]:
-            shutil.copy(path, root / "base" / label / path.name)
-        for path in photos[INDEXED : INDEXED + HELD]:
-            shutil.copy(path, root / "held" / label / path.name)
-            held_files[f"{label}/{path.name}"] = label
+    copy_animals(root / "base", INDEXED, classes=CLASSES)
+    held = copy_animals(root / "held", HELD, start=INDEXED, classes=CLASSES)
+    held_files = {f"{label}/{path.name}": label for label, paths in held.items()
+                  for path in paths}
     # A photo at the top of the query folder has no class folder: skipped unless labelled.
-    shutil.copy(photos[INDEXED + HELD], root / "held" / "top_level.jpg")
+    spare = copy_animals(root / "spare", 1, start=INDEXED + HELD, classes=("panda",))
+    spare["panda"][0].rename(root / "held" / "top_level.jpg")
     with service_stack(redis_url, root, tmp_path_factory.mktemp("artifacts"),
                        tmp_path_factory.mktemp("logs")) as stack:
         job = _finish(stack.base, requests.post(f"{stack.base}/jobs/train",

@@ -14,22 +14,14 @@ import re
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
-import redis
 import requests
 from PIL import Image
 
-from tests.conftest import DATASETS, REPO, delete_prefix
-from tests.integration.harness import (
-    Processes,
-    free_port,
-    wait_for_http,
-    wait_for_job,
-    wait_for_workers,
-)
+from tests.conftest import REPO
+from tests.integration.harness import copy_animals, free_port, service_stack, wait_for_job
 
 pytestmark = pytest.mark.integration
 PER_CLASS = 8
@@ -40,51 +32,22 @@ SCREENSHOTS_COPY = REPO / "var" / "test-output" / "screenshots"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, redis_url):
-    animals = DATASETS / "animals"
-    if not animals.is_dir():
-        pytest.fail(f"front-end tests need the animal photos at {animals}")
     root = tmp_path_factory.mktemp("data")
     subset = root / "animals_small"
-    for label in ("cat", "dog", "panda"):
-        (subset / label).mkdir(parents=True)
-        for path in sorted((animals / label).iterdir())[:PER_CLASS]:
-            shutil.copy(path, subset / label / path.name)
+    copies = copy_animals(subset, PER_CLASS)
     # One readable photo: the API accepts the folder, the worker fails the job (needs >= 2).
     (root / "one_photo").mkdir()
-    shutil.copy(sorted((animals / "cat").iterdir())[0], root / "one_photo" / "only.jpg")
-    prefix = f"imgsimtest{uuid.uuid4().hex[:8]}"
+    shutil.copy(copies["cat"][0], root / "one_photo" / "only.jpg")
     artifacts = tmp_path_factory.mktemp("artifacts")
-    env = {
-        "IMGSIM_REDIS_URL": redis_url,
-        "IMGSIM_KEY_PREFIX": prefix,
-        "IMGSIM_DATA_ROOT": str(root),
-        "IMGSIM_ARTIFACTS_DIR": str(artifacts),
-        "IMGSIM_TORCH_THREADS": "1",
-        "IMGSIM_WORKER_CONCURRENCY": "1",
-    }
-    procs = Processes(env, tmp_path_factory.mktemp("logs"))
-    client = redis.Redis.from_url(redis_url)
-    port = free_port()
-    try:
-        procs.start_worker("ui1")
-        procs.start_api(port)
-        base = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{base}/healthz")
-        wait_for_workers(client, prefix, 1)
+    with service_stack(redis_url, root, artifacts, tmp_path_factory.mktemp("logs")) as running:
+        base = running.base
         response = requests.post(f"{base}/jobs/train", json={
             "dataset": "animals_small", "epochs": 2, "image_size": 32}, timeout=10)
         assert response.status_code == 202, response.text
         first = wait_for_job(base, response.json()["job_id"], timeout=240)
         assert first["status"] == "succeeded", first
         yield {"base": base, "root": root, "subset": subset, "artifacts": artifacts,
-               "first_version": first["result"]["version"], "procs": procs}
-    except BaseException:
-        print(procs.log("ui1"), procs.log("api"))
-        raise
-    finally:
-        procs.stop_all()
-        delete_prefix(client, prefix)
-        client.close()
+               "first_version": first["result"]["version"], "procs": running.procs}
 
 
 def _cli(stack, *argv: str, url: str | None = None,

@@ -5,20 +5,12 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-import uuid
 
 import pytest
-import redis
 import requests
 
-from tests.conftest import DATASETS, FIXTURES, delete_prefix
-from tests.integration.harness import (
-    Processes,
-    free_port,
-    wait_for_http,
-    wait_for_job,
-    wait_for_workers,
-)
+from tests.conftest import DATASETS, FIXTURES
+from tests.integration.harness import copy_animals, service_stack, wait_for_job
 
 pytestmark = pytest.mark.integration
 PER_CLASS = 10
@@ -27,54 +19,21 @@ GRACE_S = 3
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, redis_url):
-    animals = DATASETS / "animals"
-    if not animals.is_dir():
-        pytest.fail(f"index tests need the animal photos at {animals}")
     root = tmp_path_factory.mktemp("data")
-    base, extra = root / "base", root / "extra"
-    for label in ("cat", "dog", "panda"):
-        photos = sorted((animals / label).iterdir())
-        (base / label).mkdir(parents=True)
-        (extra / label).mkdir(parents=True)
-        for path in photos[:PER_CLASS]:
-            shutil.copy(path, base / label / path.name)
-        for path in photos[PER_CLASS : PER_CLASS + 3]:
-            shutil.copy(path, extra / label / path.name)
-    shutil.copy(photos[0], extra / "same_bytes_as_indexed.jpg")  # already indexed content
-    shutil.copy(FIXTURES / "not_an_image.jpg", extra / "broken.jpg")
-    shutil.copy(FIXTURES / "truncated_half.jpg", extra / "truncated.jpg")
-    prefix = f"imgsimtest{uuid.uuid4().hex[:8]}"
-    artifacts = tmp_path_factory.mktemp("artifacts")
-    env = {
-        "IMGSIM_REDIS_URL": redis_url,
-        "IMGSIM_KEY_PREFIX": prefix,
-        "IMGSIM_DATA_ROOT": str(root),
-        "IMGSIM_ARTIFACTS_DIR": str(artifacts),
-        "IMGSIM_TORCH_THREADS": "1",
-        "IMGSIM_WORKER_CONCURRENCY": "1",
-        "IMGSIM_VERSION_GRACE_S": str(GRACE_S),
-    }
-    procs = Processes(env, tmp_path_factory.mktemp("logs"))
-    client = redis.Redis.from_url(redis_url)
-    port = free_port()
-    try:
-        procs.start_worker("w1")
-        procs.start_worker("w2")
-        procs.start_api(port)
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{url}/healthz")
-        wait_for_workers(client, prefix, 2)
-        job = _finish(url, requests.post(f"{url}/jobs/train",
-                                         json={"dataset": "base", "epochs": 2}, timeout=10))
+    base_copies = copy_animals(root / "base", PER_CLASS)
+    copy_animals(root / "extra", 3, start=PER_CLASS)
+    shutil.copy(base_copies["panda"][0], root / "extra" / "same_bytes_as_indexed.jpg")
+    shutil.copy(FIXTURES / "not_an_image.jpg", root / "extra" / "broken.jpg")
+    shutil.copy(FIXTURES / "truncated_half.jpg", root / "extra" / "truncated.jpg")
+    with service_stack(redis_url, root, tmp_path_factory.mktemp("artifacts"),
+                       tmp_path_factory.mktemp("logs"), workers=2,
+                       env={"IMGSIM_VERSION_GRACE_S": str(GRACE_S)}) as stack:
+        job = _finish(stack.base, requests.post(f"{stack.base}/jobs/train",
+                                                json={"dataset": "base", "epochs": 2},
+                                                timeout=10))
         assert job["status"] == "succeeded", job
-        yield {"base": url, "root": root, "redis": client, "prefix": prefix,
-               "version": job["result"]["version"], "procs": procs}
-    except BaseException:
-        print(procs.log("w1"), procs.log("w2"), procs.log("api"))
-        raise
-    finally:
-        procs.stop_all()
-        delete_prefix(client, prefix)
+        yield {"base": stack.base, "root": root, "redis": stack.redis, "prefix": stack.prefix,
+               "version": job["result"]["version"], "procs": stack.procs}
 
 
 def _finish(base: str, response: requests.Response, timeout: float = 240) -> dict:
