@@ -64,24 +64,38 @@ def _has_readable_image(root) -> bool:
     return False
 
 
-@bp.post("/train")
-def create_train_job():
-    """Validate a training request, record the job and enqueue it; 202 with its status URL."""
+def parse_dataset_request(params_type):
+    """The JSON body parsed by ``params_type.parse`` and its dataset folder, checked to hold a
+    readable image; every problem is a 400 naming it (nothing is recorded or enqueued).
+
+    Args:
+        params_type: TrainParams, EvaluateParams, ... (a ``parse`` classmethod and ``dataset``).
+
+    Returns:
+        (params, resolved dataset folder).
+    """
     body = request.get_json(silent=True)
     if body is None:
         raise ApiError(400, "invalid_json", "the body must be a JSON object with 'dataset'")
     try:
-        params = TrainParams.parse(body)
+        params = params_type.parse(body)
     except ValidationError as exc:
         raise ApiError(400, "invalid_parameter", exc.message, field=exc.field) from None
-    svc = services()
     try:
-        root = resolve_dataset(svc.settings.data_root, params.dataset)
+        root = resolve_dataset(services().settings.data_root, params.dataset)
     except DatasetError as exc:
         raise ApiError(400, exc.code, exc.message) from None
     if not _has_readable_image(root):
         raise ApiError(400, "no_readable_images",
                        f"no readable image found in dataset {params.dataset!r}")
+    return params, root
+
+
+@bp.post("/train")
+def create_train_job():
+    """Validate a training request, record the job and enqueue it; 202 with its status URL."""
+    params, _root = parse_dataset_request(TrainParams)
+    svc = services()
     job = svc.jobs.create(JobType.TRAIN, params.to_dict())
     _enqueue(TRAIN_TASK, TRAIN_QUEUE, job, [job["job_id"], params.to_dict()])
     return _accepted(job)

@@ -82,9 +82,7 @@ def _resolver(settings: Settings, params: EvaluateParams) -> LabelResolver:
     try:
         path = resolve_labels_file(settings.data_root, params.labels)
         return LabelResolver(read_labels_csv(path), path.parent)
-    except DatasetError as exc:
-        raise JobError(exc.code, exc.message) from None
-    except LabelsError as exc:
+    except (DatasetError, LabelsError) as exc:
         raise JobError(exc.code, exc.message) from None
 
 
