@@ -30,10 +30,10 @@ import redis
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from shared.collection import delete_namespace  # noqa: E402
 from workers.lsh_index import (  # noqa: E402
     LshIndex,
     LshParams,
-    delete_namespace,
     generate_planes,
 )
 from workers.vector_store import SCAN_BLOCK, VectorStore  # noqa: E402

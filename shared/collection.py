@@ -1,4 +1,4 @@
-"""Collection edits the API makes itself (no worker needed): deleting an indexed image."""
+"""Collection edits without torch: deleting an indexed image (API), removing a namespace."""
 
 from __future__ import annotations
 
@@ -52,4 +52,19 @@ def delete_image(client: redis.Redis, keys: Keys, image_id: str) -> list[str]:
                     break
                 except redis.WatchError:
                     continue
+    return removed
+
+
+def delete_namespace(client: redis.Redis, namespace: str, batch: int = 1000,
+                     pattern: str = "*") -> int:
+    """UNLINK every key under ``namespace:<pattern>`` found by SCAN; return how many."""
+    removed = 0
+    keys: list[bytes] = []
+    for key in client.scan_iter(match=f"{namespace}:{pattern}", count=batch):
+        keys.append(key)
+        if len(keys) >= batch:
+            removed += client.unlink(*keys)
+            keys = []
+    if keys:
+        removed += client.unlink(*keys)
     return removed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -211,3 +212,9 @@ def _config_field(folder: Path, name: str) -> Any:
         return json.loads((folder / CONFIG_FILE).read_text()).get(name)
     except (OSError, ValueError):
         return None
+
+
+def remove_version(artifacts_dir: Path, version: str) -> None:
+    """Delete a version's folder and any staging leftovers (``.partial-<version>``)."""
+    shutil.rmtree(artifacts_dir / version, ignore_errors=True)
+    shutil.rmtree(artifacts_dir / f".partial-{version}", ignore_errors=True)

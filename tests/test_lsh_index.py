@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import redis
 
+from shared.collection import delete_namespace
 from shared.keys import Keys
 from tests.conftest import FIXTURES, REPO
 from workers.lsh_index import (
     LshIndex,
     LshParams,
-    delete_namespace,
     generate_planes,
     unpack_rows,
 )

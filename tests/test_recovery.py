@@ -191,3 +191,44 @@ def test_heartbeat_lists_held_tasks_and_goes_on_shutdown(sweep):
     assert beat["tasks"] == [] and 0 < client.ttl(key) <= 3  # 3 periods of 1 s
     supervisor.stop()
     assert not client.exists(key)
+
+
+# --------------------------------------------------------------------------- hard time limit
+
+
+def test_a_training_killed_at_its_hard_limit_leaves_no_half_written_version(
+        store, redis_client, key_prefix, tmp_path):
+    from shared.registry import ModelRegistry
+    from workers.redelivery import discard_unfinished_training
+
+    settings = Settings(redis_url="redis://unused", key_prefix=key_prefix, data_root=tmp_path,
+                        artifacts_dir=tmp_path / "artifacts")
+    keys = Keys(key_prefix)
+    registry = ModelRegistry(redis_client, keys)
+    job_id = store.create(JobType.TRAIN, {"dataset": "x"})["job_id"]
+    attempt = store.mark_running(job_id)
+    assert discard_unfinished_training(settings, redis_client, store.get(job_id)) is None
+
+    # Killed while indexing: files, staging leftovers and bucket keys written, not registered.
+    half = "v20261204-000000-aaaaaa"
+    store.set_progress(job_id, {"phase": "index", "version": half}, attempt)
+    (settings.artifacts_dir / half).mkdir(parents=True)
+    (settings.artifacts_dir / f".partial-{half}").mkdir()
+    redis_client.set(f"{keys.version_namespace(half)}:t0:1f", b"\x01\x00\x00\x00")
+    # A complete version of another job is never touched.
+    done = "v20261204-000000-bbbbbb"
+    registry.register(done, {"images": 2})
+    (settings.artifacts_dir / done).mkdir()
+    redis_client.set(f"{keys.version_namespace(done)}:t0:1f", b"\x02\x00\x00\x00")
+
+    assert discard_unfinished_training(settings, redis_client, store.get(job_id)) == half
+    assert not (settings.artifacts_dir / half).exists()
+    assert not (settings.artifacts_dir / f".partial-{half}").exists()
+    assert not list(redis_client.scan_iter(match=f"{keys.version_namespace(half)}:*"))
+    assert (settings.artifacts_dir / done).is_dir()
+    assert redis_client.exists(f"{keys.version_namespace(done)}:t0:1f")
+
+    other = store.create(JobType.TRAIN, {"dataset": "y"})["job_id"]
+    store.set_progress(other, {"phase": "done", "version": done}, store.mark_running(other))
+    assert discard_unfinished_training(settings, redis_client, store.get(other)) is None
+    assert registry.describe(done) == {"images": 2}

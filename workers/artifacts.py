@@ -106,12 +106,6 @@ def save_version(
     return final
 
 
-def remove_version(artifacts_dir: Path, version: str) -> None:
-    """Delete a version's folder (and any staging leftovers)."""
-    shutil.rmtree(artifacts_dir / version, ignore_errors=True)
-    shutil.rmtree(artifacts_dir / f".partial-{version}", ignore_errors=True)
-
-
 def load_version(artifacts_dir: Path, version: str, device: torch.device) -> ModelVersion:
     """Load a saved version for querying.
 

@@ -111,8 +111,17 @@ def _hard_time_limit(sender=None, task_id=None, exception=None, **_kwargs) -> No
     # could not record anything, so the job would otherwise stay "running" for ever.
     if not isinstance(exception, TimeLimitExceeded) or not task_id:
         return
+    from workers.redelivery import discard_unfinished_training  # torch-free
+
     try:
-        JobStore(worker_redis(settings), keys, settings.job_ttl_s).fail(
-            task_id, "time_limit", f"the job was stopped at its hard time limit ({exception})")
-    except redis.RedisError as exc:
-        log.warning("job %s: could not record the hard time limit: %s", task_id, exc)
+        client = worker_redis(settings)
+        jobs = JobStore(client, keys, settings.job_ttl_s)
+        jobs.fail(task_id, "time_limit",
+                  f"the job was stopped at its hard time limit ({exception})")
+        job = jobs.get(task_id)
+        # The killed child could not clean up: its half-written version goes now.
+        removed = discard_unfinished_training(settings, client, job) if job else None
+        if removed:
+            log.warning("job %s: removed the half-written version %s", task_id, removed)
+    except (redis.RedisError, OSError) as exc:
+        log.warning("job %s: could not settle the hard time limit: %s", task_id, exc)

@@ -11,6 +11,7 @@ import numpy as np
 import redis
 import torch
 
+from shared.collection import delete_namespace
 from shared.datasets import Candidate, DatasetError, iter_dataset, resolve_dataset
 from shared.images import ImageDecodeError, load_for_model, probe_image, read_file_bytes
 from shared.keys import Keys
@@ -18,7 +19,6 @@ from shared.registry import ModelRegistry
 from shared.settings import Settings
 from workers.embedding import encode_images, normalise
 from workers.errors import JobError
-from workers.lsh_index import delete_namespace
 from workers.reader import image_id_for
 from workers.search import ActiveModelCache
 

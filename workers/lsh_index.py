@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
+from shared.collection import delete_namespace
 from shared.keys import NamespaceKeys
 from workers.vector_store import VectorStore
 
@@ -649,18 +650,3 @@ class LshIndex(LSHash):
         return SearchResult(top, dist, "exact_fallback", self.alive_rows,
                             f"probed buckets held {len(rows)} live rows < k={k} "
                             f"(probes tried {tried})")
-
-
-def delete_namespace(client: redis.Redis, namespace: str, batch: int = 1000,
-                     pattern: str = "*") -> int:
-    """UNLINK every key under ``namespace:<pattern>`` found by SCAN; return how many."""
-    removed = 0
-    keys: list[bytes] = []
-    for key in client.scan_iter(match=f"{namespace}:{pattern}", count=batch):
-        keys.append(key)
-        if len(keys) >= batch:
-            removed += client.unlink(*keys)
-            keys = []
-    if keys:
-        removed += client.unlink(*keys)
-    return removed

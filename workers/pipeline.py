@@ -9,16 +9,17 @@ import numpy as np
 import redis
 import torch
 
+from shared.collection import delete_namespace
 from shared.datasets import DatasetError, resolve_dataset
 from shared.keys import Keys
-from shared.registry import ModelRegistry
+from shared.registry import ModelRegistry, remove_version
 from shared.schema import TrainParams
 from shared.settings import Settings
-from workers.artifacts import new_version_id, remove_version, save_version
+from workers.artifacts import new_version_id, save_version
 from workers.device import autocast_dtype
 from workers.embedding import encode_images, normalise
 from workers.errors import JobError
-from workers.lsh_index import LshIndex, LshParams, delete_namespace, generate_planes
+from workers.lsh_index import LshIndex, LshParams, generate_planes
 from workers.model import ModelConfig
 from workers.reader import PixelCache, decode_dataset, stage_images
 from workers.training import TrainingConfig, train_autoencoder

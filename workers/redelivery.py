@@ -6,11 +6,10 @@ import logging
 
 import redis
 
+from shared.collection import delete_namespace
 from shared.keys import Keys
-from shared.registry import ModelRegistry
+from shared.registry import ModelRegistry, remove_version
 from shared.settings import Settings
-from workers.artifacts import remove_version
-from workers.lsh_index import delete_namespace
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +40,41 @@ def settle_earlier_attempt(settings: Settings, client: redis.Redis, job: dict) -
         log.info("job %s: redelivered after version %s was complete", job["job_id"], version)
         return {**summary, "version": version, "active": registry.active_version() == version,
                 "recovered_after_redelivery": True}
-    removed = delete_namespace(client, keys.version_namespace(version))
-    registry.forget(version)
-    remove_version(settings.artifacts_dir, version)
+    removed = discard_version(settings, client, version)
     log.warning("job %s: removed half-written version %s (%d Redis keys) before rerunning",
                 job["job_id"], version, removed)
     return None
+
+
+def discard_version(settings: Settings, client: redis.Redis, version: str) -> int:
+    """Remove every trace of a version that never completed: tables, registry entry, files.
+
+    Torch-free, so the Celery parent can call it for a child it killed at the hard time limit.
+
+    Returns:
+        How many Redis keys were removed.
+    """
+    removed = delete_namespace(client, Keys(settings.key_prefix).version_namespace(version))
+    ModelRegistry(client, Keys(settings.key_prefix)).forget(version)
+    remove_version(settings.artifacts_dir, version)
+    return removed
+
+
+def discard_unfinished_training(settings: Settings, client: redis.Redis, job: dict) -> str | None:
+    """After a training's process was killed: remove its version unless it was registered.
+
+    Args:
+        settings: service settings.
+        client: Redis connection.
+        job: the job record.
+
+    Returns:
+        The version removed, or None (not a training, nothing written yet, or complete).
+    """
+    version = (job.get("progress") or {}).get("version")
+    if job.get("type") != "train" or not version:
+        return None
+    if ModelRegistry(client, Keys(settings.key_prefix)).describe(version) is not None:
+        return None
+    discard_version(settings, client, version)
+    return version
