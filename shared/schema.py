@@ -35,7 +35,7 @@ def _float_field(data: dict, name: str, default: float, lo: float, hi: float) ->
     return float(value)
 
 
-# The default model sees two large and four small views of each image per epoch; 20 epochs
+# The default model sees two large and six small views of each image per epoch; 20 epochs
 # keep a training on ~2,400 photos within about 4 minutes of a 2-core CPU (README,
 # "Retrieval quality").
 DEFAULT_EPOCHS = 20

@@ -44,7 +44,7 @@ class InvarianceObjective:
     temperature: float = 0.2
     reconstruction_weight: float = 1.0
     warmup_epochs: int = 1
-    local_views: int = 4
+    local_views: int = 6
     local_fraction: float = 0.375
     local_scale: tuple[float, float] = (0.05, 0.3)
     augmentation: Augmentation = field(default_factory=Augmentation)
