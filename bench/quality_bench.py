@@ -237,6 +237,9 @@ def main() -> None:
     prefix = f"imgsimquality{uuid.uuid4().hex[:8]}"
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "-uno"],
+                           capture_output=True, text=True).stdout.strip()
+    commit += " + uncommitted changes" if dirty else ""
     print(f"commit {commit}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {load_average()}", flush=True)
     rows: list[dict] = []
