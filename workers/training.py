@@ -53,7 +53,10 @@ class InvarianceObjective:
         return max(16, int(image_size * self.view_fraction) // 16 * 16)
 
     def local_size(self, image_size: int) -> int:
-        return max(8, int(image_size * self.local_fraction) // 8 * 8)
+        # At least 16 px, so the last stage never convolves a 1x1 map: on this CPU, oneDNN's
+        # bf16 weight gradient of a strided 3x3 conv over a 1x1 input is sometimes non-finite
+        # (seen with 8 px views of 32 px images, one thread).
+        return max(16, int(image_size * self.local_fraction) // 8 * 8)
 
 
 @dataclass(frozen=True)
