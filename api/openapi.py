@@ -109,7 +109,7 @@ SCHEMAS: dict[str, Any] = {
             "dataset": {"type": "string", "minLength": 1,
                         "description": "folder inside the data root (relative or absolute)"},
             "architecture": {"type": "string", "enum": ["default", "seed"], "default": "default"},
-            "epochs": {"type": "integer", "minimum": 1, "maximum": 500, "default": 15},
+            "epochs": {"type": "integer", "minimum": 1, "maximum": 500, "default": 20},
             "image_size": {"type": "integer", "minimum": 32, "maximum": 512, "default": 64,
                            "description": "multiple of 16 (default) or 8 (seed)"},
             "batch_size": {"type": "integer", "minimum": 2, "maximum": 1024, "default": 64},

@@ -119,7 +119,8 @@ def load_version(artifacts_dir: Path, version: str, device: torch.device) -> Mod
     """
     folder = artifacts_dir / version
     config = json.loads((folder / CONFIG).read_text())
-    model_config = ModelConfig(**config["model"])
+    # Configs written before the model revision was recorded hold revision-1 weights.
+    model_config = ModelConfig(**{"revision": 1, **config["model"]})
     model = build_model(model_config)
     state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
