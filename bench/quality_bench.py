@@ -24,19 +24,19 @@ import numpy as np
 import redis
 import torch
 
+from shared.collection import delete_namespace
+from shared.labels import LabelResolver, read_labels_csv
 from shared.schema import TrainParams
 from workers.device import autocast_dtype
 from workers.embedding import encode_images, normalise
-from workers.lsh_index import LshIndex, LshParams, delete_namespace, generate_planes
+from workers.lsh_index import LshIndex, LshParams, generate_planes
 from workers.model import ModelConfig
 from workers.quality import (
     colour_histogram_features,
     holdout_split,
-    labels_for_paths,
     nearest,
     random_hits,
     random_precision,
-    read_labels,
     relevant_counts,
     retrieval_metrics,
     tiny_image_features,
@@ -140,7 +140,8 @@ def bench_dataset(name: str, root: Path, args, client: redis.Redis, prefix: str)
         return decoded[size]
 
     base = decode(64)
-    labels = labels_for_paths([e.path for e in base.entries], read_labels(root / "labels.csv"))
+    resolver = LabelResolver(read_labels_csv(root / "labels.csv"), root)
+    labels = [resolver.label(root, e.path) or "" for e in base.entries]
     index_rows, query_rows = holdout_split(labels, args.fraction, args.seed)
     index_labels = [labels[i] for i in index_rows]
     query_labels = [labels[i] for i in query_rows]

@@ -90,16 +90,7 @@ class TrainParams:
         Raises:
             ValidationError: naming the first bad field.
         """
-        if not isinstance(data, dict):
-            raise ValidationError("body", "must be a JSON object")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            accepted = ", ".join(sorted(known))
-            raise ValidationError(unknown[0], f"unknown field; accepted: {accepted}")
-        dataset = data.get("dataset")
-        if not isinstance(dataset, str) or not dataset.strip():
-            raise ValidationError("dataset", "required: a folder inside the data root")
+        dataset = _known_fields_and_dataset(cls, data, "a folder inside the data root")
         architecture = data.get("architecture", "default")
         if architecture not in ("default", "seed"):
             raise ValidationError("architecture", "must be 'default' or 'seed'")

@@ -8,11 +8,9 @@ import pytest
 from workers.quality import (
     colour_histogram_features,
     holdout_split,
-    labels_for_paths,
     nearest,
     random_hits,
     random_precision,
-    read_labels,
     relevant_counts,
     retrieval_metrics,
     tiny_image_features,
@@ -135,12 +133,3 @@ def test_colour_histogram_features_counts_joint_bins():
     assert h.shape == (2, 512) and np.allclose(h.sum(axis=1), 1.0)
     assert h[0, 448] == 0.25 and h[0, 15] == 0.25 and h[0, 0] == 0.5
     assert h[1, 0] == 1.0
-
-
-def test_labels_from_csv_and_folders(tmp_path):
-    csv_path = tmp_path / "labels.csv"
-    csv_path.write_text("path,class\ncat/a.jpg,cat\nmisc/b.jpg,dog\n")
-    labels = read_labels(csv_path)
-    assert labels == {"cat/a.jpg": "cat", "misc/b.jpg": "dog"}
-    assert labels_for_paths(["misc/b.jpg", "panda/c.jpg", "top.jpg"], labels) == \
-        ["dog", "panda", ""]

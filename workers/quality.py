@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -261,38 +259,4 @@ def nearest(index_feats: np.ndarray, query_feats: np.ndarray, k: int,
             dist = np.divide(diff * diff, total, out=np.zeros_like(total),
                              where=total > 0).sum(axis=2)
         out[start : start + len(q)] = _top_k(dist, k)
-    return out
-
-
-def read_labels(labels_csv: Path) -> dict[str, str]:
-    """Class of each image from a ``path,class`` CSV (paths relative to the dataset folder).
-
-    Args:
-        labels_csv: the file.
-
-    Returns:
-        {relative path: class}.
-    """
-    with open(labels_csv, newline="", encoding="utf-8") as handle:
-        return {row["path"]: row["class"] for row in csv.DictReader(handle)}
-
-
-def labels_for_paths(paths: Sequence[str], labels: dict[str, str] | None = None) -> list[str]:
-    """Class of each image: from ``labels`` when given, else its first folder name.
-
-    Args:
-        paths: image paths relative to the dataset folder ("/"-separated).
-        labels: {relative path: class}, e.g. from ``read_labels``; a path missing from it
-            falls back to its folder.
-
-    Returns:
-        One class per path ("" for a file at the top of the dataset without a label).
-    """
-    out = []
-    for path in paths:
-        if labels is not None and path in labels:
-            out.append(labels[path])
-        else:
-            parts = path.split("/")
-            out.append(parts[0] if len(parts) > 1 else "")
     return out
