@@ -117,7 +117,7 @@ SCHEMAS: dict[str, Any] = {
             "learning_rate": {"type": "number", "minimum": 1e-6, "maximum": 1.0,
                               "default": 0.001},
             "val_fraction": {"type": "number", "minimum": 0.0, "maximum": 0.5, "default": 0.1},
-            "patience": {"type": "integer", "minimum": 1, "maximum": 100, "default": 3},
+            "patience": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5},
             "hash_bits": {"type": ["integer", "null"], "minimum": 2, "maximum": 24},
             "num_tables": {"type": ["integer", "null"], "minimum": 1, "maximum": 64},
             "seed": {"type": "integer", "minimum": 0, "maximum": 2147483647, "default": 0},
