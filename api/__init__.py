@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from flask import Flask
+from flask import Flask, Request
 
 from shared.jobs import QUERY_QUEUE, QUERY_TASK, TRAIN_QUEUE, TRAIN_TASK, JobStore
 from shared.keys import Keys
@@ -18,6 +18,22 @@ MULTIPART_OVERHEAD = 64 * 1024
 # what it holds back), so it must stay well above 64 KiB or every large file part is refused.
 MAX_FORM_MEMORY_BYTES = 512 * 1024
 MAX_FORM_PARTS = 1000
+
+
+class JsonSafeRequest(Request):
+    """A request whose JSON body nested too deeply for the parser is malformed JSON (400).
+
+    Python's decoder raises RecursionError (not ValueError) past ~1,000 levels, which Flask
+    does not treat as a bad body: a 6 KB request of nested brackets was a 500.
+    """
+
+    def get_json(self, force: bool = False, silent: bool = False, cache: bool = True):
+        try:
+            return super().get_json(force=force, silent=silent, cache=cache)
+        except RecursionError:
+            if silent:
+                return None
+            return self.on_json_loading_failed(ValueError("JSON nested too deeply"))
 
 
 class Services:
@@ -53,6 +69,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """
     settings = settings or Settings.from_env()
     app = Flask(__name__)
+    app.request_class = JsonSafeRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD
     app.config["MAX_FORM_MEMORY_SIZE"] = MAX_FORM_MEMORY_BYTES
     app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS

@@ -7,12 +7,12 @@ import re
 from flask import Blueprint, jsonify, request
 
 from api.errors import ApiError
-from api.jobs import _accepted, _enqueue, _has_readable_image
+from api.jobs import _accepted, _enqueue, check_form_fields, parse_dataset_request
 from api.services import services
 from shared.collection import delete_image
-from shared.datasets import DatasetError, resolve_dataset
 from shared.images import ImageDecodeError, decode_image
 from shared.jobs import INDEX_TASK, QUERY_QUEUE, SEARCH_TASK, TRAIN_QUEUE, JobType
+from shared.schema import IndexParams
 
 bp = Blueprint("index", __name__)
 
@@ -41,7 +41,10 @@ def _read_uploads() -> list[tuple[str, bytes]]:
         raise ApiError(400, "too_many_files", f"at most {MAX_FILES} images per request")
     out = []
     for number, upload in enumerate(files, start=1):
-        name = upload.filename or f"image{number}"
+        if not upload.filename:  # what a form sends when no file was chosen
+            raise ApiError(400, "missing_image",
+                           f"no file: 'image' part {number} has an empty file name")
+        name = upload.filename
         data = upload.read(svc.settings.max_upload_bytes + 1)
         if len(data) > svc.settings.max_upload_bytes:
             raise ApiError(413, "payload_too_large",
@@ -71,11 +74,12 @@ def _spool(job_id: str, uploads: list[tuple[str, bytes]]) -> list[dict]:
     return spooled
 
 
-def _int_option(source: dict, name: str, lo: int, hi: int, default: int | None) -> int | None:
+def _int_option(source: dict, name: str, lo: int, hi: int, default: int | None,
+                from_form: bool) -> int | None:
     value = source.get(name, default)
     if value is None:
         return None
-    if isinstance(value, str):
+    if isinstance(value, str) and from_form:  # form fields are text; JSON numbers are numbers
         try:
             value = int(value)
         except ValueError:
@@ -86,9 +90,9 @@ def _int_option(source: dict, name: str, lo: int, hi: int, default: int | None) 
     return value
 
 
-def _bool_option(source: dict, name: str) -> bool:
+def _bool_option(source: dict, name: str, from_form: bool) -> bool:
     value = source.get(name, False)
-    if isinstance(value, str):
+    if isinstance(value, str) and from_form:
         lowered = value.strip().lower()
         if lowered in ("true", "1", "yes"):
             return True
@@ -99,11 +103,15 @@ def _bool_option(source: dict, name: str) -> bool:
     raise ApiError(400, "invalid_parameter", f"{name} must be true or false", field=name)
 
 
-def search_options(source: dict) -> dict:
-    """``k`` (1..100, default 10), ``probes`` (0..175, default the version's), ``exact``."""
-    return {"k": _int_option(source, "k", 1, 100, 10),
-            "probes": _int_option(source, "probes", 0, MAX_PROBES, None),
-            "exact": _bool_option(source, "exact")}
+def search_options(source: dict, from_form: bool) -> dict:
+    """``k`` (1..100, default 10), ``probes`` (0..175, default the version's), ``exact``.
+
+    Form fields are text (``"10"``, ``"true"``); in a JSON body they must be a number and a
+    boolean, like every other JSON field of the API.
+    """
+    return {"k": _int_option(source, "k", 1, 100, 10, from_form),
+            "probes": _int_option(source, "probes", 0, MAX_PROBES, None, from_form),
+            "exact": _bool_option(source, "exact", from_form)}
 
 
 def create_extended_query_job():
@@ -123,7 +131,7 @@ def create_extended_query_job():
             raise ApiError(400, "invalid_parameter",
                            "image_id must be the 24-hex-digit id a query result gave",
                            field="image_id")
-        options = search_options(body)
+        options = search_options(body, from_form=False)
         active = _require_active_model()
         if not svc.redis.hexists(svc.keys.namespace(active).images, image_id):
             raise ApiError(404, "image_not_found",
@@ -132,8 +140,9 @@ def create_extended_query_job():
         _enqueue(SEARCH_TASK, QUERY_QUEUE, job,
                  [job["job_id"], {**options, "image_id": image_id}])
         return _accepted(job)
+    check_form_fields({"k", "probes", "exact"})
     uploads = _read_uploads()
-    options = search_options(request.form)
+    options = search_options(request.form, from_form=True)
     _require_active_model()
     job = svc.jobs.create(JobType.QUERY, {**options, "files": len(uploads),
                                           "bytes": sum(len(d) for _, d in uploads)})
@@ -153,25 +162,12 @@ def create_index_job():
     """Add a folder (JSON ``{"dataset"}``) or uploaded ``image`` files to the active version."""
     svc = services()
     if request.is_json:
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict) or not isinstance(body.get("dataset"), str):
-            raise ApiError(400, "invalid_parameter",
-                           "the body must be a JSON object with 'dataset'", field="dataset")
-        unknown = sorted(set(body) - {"dataset"})
-        if unknown:
-            raise ApiError(400, "invalid_parameter", f"{unknown[0]}: unknown field; accepted: "
-                           "dataset", field=unknown[0])
-        try:
-            root = resolve_dataset(svc.settings.data_root, body["dataset"])
-        except DatasetError as exc:
-            raise ApiError(400, exc.code, exc.message) from None
-        if not _has_readable_image(root):
-            raise ApiError(400, "no_readable_images",
-                           f"no readable image found in dataset {body['dataset']!r}")
+        params, _root = parse_dataset_request(IndexParams)
         _require_active_model()
-        job = svc.jobs.create(JobType.INDEX, {"dataset": body["dataset"]})
-        _enqueue(INDEX_TASK, TRAIN_QUEUE, job, [job["job_id"], {"dataset": body["dataset"]}])
+        job = svc.jobs.create(JobType.INDEX, params.to_dict())
+        _enqueue(INDEX_TASK, TRAIN_QUEUE, job, [job["job_id"], params.to_dict()])
         return _accepted(job)
+    check_form_fields(set())
     uploads = _read_uploads()
     _require_active_model()
     job = svc.jobs.create(JobType.INDEX, {"files": [name for name, _ in uploads]})

@@ -64,6 +64,26 @@ def _has_readable_image(root) -> bool:
     return False
 
 
+def check_form_fields(allowed: set[str]) -> None:
+    """A multipart request holds ``image`` file parts and the ``allowed`` text fields, each
+    once: anything else is a 400 naming it (a typo like ``K=5`` is not silently ignored)."""
+    for name in request.files:
+        if name != "image":
+            raise ApiError(400, "invalid_parameter",
+                           f"{name}: unknown file field; send images in 'image'", field=name)
+    for name in request.form:
+        if name == "image":
+            raise ApiError(400, "missing_image", "'image' was sent as a text field: send the "
+                           "image as a file part (multipart/form-data, e.g. curl -F image=@x.jpg)")
+        if name not in allowed:
+            accepted = ", ".join(sorted(allowed)) or "none"
+            raise ApiError(400, "invalid_parameter",
+                           f"{name}: unknown field; accepted: {accepted}", field=name)
+        if len(request.form.getlist(name)) > 1:
+            raise ApiError(400, "invalid_parameter", f"{name}: given more than once",
+                           field=name)
+
+
 def parse_dataset_request(params_type):
     """The JSON body parsed by ``params_type.parse`` and its dataset folder, checked to hold a
     readable image; every problem is a 400 naming it (nothing is recorded or enqueued).
@@ -109,6 +129,7 @@ def create_query_job():
     if wants_extended_query():  # by image_id, several files, probes / exact (api/index.py)
         return create_extended_query_job()
     svc = services()
+    check_form_fields({"k"})
     upload = request.files.get("image")
     if upload is None:
         raise ApiError(400, "missing_image",

@@ -336,8 +336,8 @@ PATHS: dict[str, Any] = {
         "operationId": "listJobs", "summary": "Recent jobs, newest first",
         "parameters": [
             {"name": "type", "in": "query", "required": False,
-             "schema": {"type": "string", "pattern": "^[a-z][a-z_]{0,31}$"},
-             "description": "only jobs of this type (train, query, ...)"},
+             "schema": {"type": "string", "enum": ["train", "query", "index", "evaluate"]},
+             "description": "only jobs of this type"},
             {"name": "status", "in": "query", "required": False,
              "schema": _ref("JobStatus")},
             {"name": "limit", "in": "query", "required": False,

@@ -170,3 +170,28 @@ class EvaluateParams:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """``POST /jobs/index`` with JSON: a folder to add to the active version."""
+
+    dataset: str
+
+    @classmethod
+    def parse(cls, data: Any) -> IndexParams:
+        """Validate a JSON body.
+
+        Args:
+            data: the decoded JSON object.
+
+        Returns:
+            IndexParams.
+
+        Raises:
+            ValidationError: naming the first bad field.
+        """
+        return cls(dataset=_known_fields_and_dataset(cls, data, "a folder inside the data root"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

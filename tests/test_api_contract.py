@@ -367,7 +367,8 @@ def test_jobs_are_listed_newest_first_with_filters_and_cursor(client, store):
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=101", "limit=x", "status=done",
-                                   "type=Train!", "cursor=garbage", "cursor=" + "A" * 8])
+                                   "type=Train!", "type=evil", "cursor=garbage",
+                                   "cursor=" + "A" * 8])
 def test_bad_list_parameters_are_400_naming_the_field(client, query):
     response = client.get(f"/jobs?{query}")
     assert response.status_code == 400
@@ -590,3 +591,45 @@ def test_evaluate_is_accepted_with_a_labels_file(client, settings, redis_client,
     job = client.get(response.headers["Location"]).get_json()
     assert (job["type"], job["status"]) == ("evaluate", "queued")
     assert job["params"] == {"dataset": "held", "labels": "labels.csv", "k": 5}
+
+
+@pytest.mark.parametrize("path", ["/jobs/train", "/jobs/query", "/jobs/index", "/jobs/evaluate"])
+def test_json_nested_beyond_the_parser_is_a_400_not_a_500(client, settings, redis_client, path):
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    body = "[" * 3000 + "]" * 3000
+    response = client.post(path, data=body, content_type="application/json")
+    assert response.status_code == 400, response.get_data()
+    assert response.get_json()["error"]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize(("path", "form", "field"), [
+    ("/jobs/query", {"K": "5"}, "K"),
+    ("/jobs/query", {"k": ["3", "500"]}, "k"),
+    ("/jobs/query", {"probes": "4", "colour": "red"}, "colour"),
+    ("/jobs/query", {"photo": (io.BytesIO(b"x"), "x.png")}, "photo"),
+    ("/jobs/index", {"k": "3"}, "k"),
+])
+def test_unknown_or_repeated_form_fields_are_400(client, settings, redis_client, path, form,
+                                                 field):
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    data = {"image": (io.BytesIO(_png()), "a.png"), **form}
+    response = client.post(path, data=data)
+    assert response.status_code == 400, response.get_data()
+    assert response.get_json()["error"]["field"] == field
+    assert client.get("/jobs").get_json()["jobs"] == []
+
+
+def test_index_upload_with_an_empty_file_name_means_no_file(client, settings, redis_client):
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    response = client.post("/jobs/index", data={"image": (io.BytesIO(_png()), "")})
+    assert response.status_code == 400
+    assert response.get_json()["error"]["code"] == "missing_image"
+
+
+@pytest.mark.parametrize("body", [{"k": "3"}, {"probes": "4"}, {"exact": "true"}])
+def test_json_query_options_must_be_json_numbers_and_booleans(client, settings, redis_client,
+                                                              body):
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    response = client.post("/jobs/query", json={"image_id": "a" * 24, **body})
+    assert response.status_code == 400
+    assert response.get_json()["error"]["field"] == next(iter(body))
