@@ -20,7 +20,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md gunicorn.conf.py ./
 COPY api/ api/
 COPY workers/ workers/
 COPY shared/ shared/
@@ -41,4 +41,4 @@ USER imgsim
 
 EXPOSE 8000
 
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--timeout", "60", "api.wsgi:app"]
+CMD ["gunicorn", "--bind", "0.0.0.0:8000", "api.wsgi:app"]

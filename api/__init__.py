@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from celery import Celery
 from flask import Flask, Request
 
@@ -45,6 +47,8 @@ class Services:
         # Fails fast (IMGSIM_REDIS_TIMEOUT_S): the API answers 503 rather than hang a thread.
         self.redis = api_redis(settings)
         self.jobs = JobStore(self.redis, self.keys, settings.job_ttl_s)
+        # Long-polls hold a server thread while they wait: at most this many at once.
+        self.long_polls = threading.BoundedSemaphore(max(settings.max_long_polls, 1))
         self.registry = ModelRegistry(self.redis, self.keys)
         # A Celery client only: the API sends by task name and never imports worker code.
         self.queue = Celery("imgsim-api", broker=settings.redis_url)

@@ -11,7 +11,14 @@ from api.errors import ApiError
 from api.services import services
 from shared.datasets import Candidate, DatasetError, iter_dataset, resolve_dataset
 from shared.images import ImageDecodeError, decode_image, probe_image, read_file_bytes
-from shared.jobs import QUERY_QUEUE, QUERY_TASK, TRAIN_QUEUE, TRAIN_TASK, JobType
+from shared.jobs import (
+    FINAL_STATUSES,
+    QUERY_QUEUE,
+    QUERY_TASK,
+    TRAIN_QUEUE,
+    TRAIN_TASK,
+    JobType,
+)
 from shared.schema import QueryParams, TrainParams, ValidationError
 
 bp = Blueprint("jobs", __name__, url_prefix="/jobs")
@@ -176,13 +183,23 @@ def get_job(job_id: str):
         raise ApiError(400, "invalid_parameter",
                        f"wait must be a number of seconds between 0 and {MAX_WAIT_S}",
                        field="wait")
-    jobs = services().jobs
+    svc = services()
+    declined = False
     if not JOB_ID.match(job_id):
         job = None
-    elif wait > 0:
-        job = jobs.wait_until_final(job_id, wait)
+    elif wait > 0 and svc.settings.max_long_polls > 0 and svc.long_polls.acquire(blocking=False):
+        try:
+            job = svc.jobs.wait_until_final(job_id, wait)
+        finally:
+            svc.long_polls.release()
     else:
-        job = jobs.get(job_id)
+        # Every long-poll slot of this process is taken: answer now rather than let waiting
+        # clients hold every server thread; Retry-After tells the client when to ask again.
+        declined = wait > 0
+        job = svc.jobs.get(job_id)
     if job is None:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
-    return jsonify(job)
+    response = jsonify(job)
+    if declined and job["status"] not in FINAL_STATUSES:
+        response.headers["Retry-After"] = "1"
+    return response

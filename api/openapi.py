@@ -356,7 +356,11 @@ PATHS: dict[str, Any] = {
              "schema": {"type": "number", "minimum": 0, "maximum": 30, "default": 0},
              "description": "long-poll: answer when the job ends or after this many seconds"},
         ],
-        "responses": {"200": _json(_ref("Job"), "the job record"),
+        "responses": {"200": {**_json(_ref("Job"), "the job record"), "headers": {
+            "Retry-After": {"description": "sent when a long-poll was not held because every "
+                                           "long-poll slot of the server process was busy: the "
+                                           "record is answered at once; ask again after this "
+                                           "many seconds", "schema": {"type": "string"}}}},
                       "400": _error("BadRequest"), "404": _error("NotFound"), **_COMMON},
     }},
     "/jobs/{job_id}/cancel": {"post": {

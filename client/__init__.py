@@ -84,6 +84,7 @@ class ImgsimClient:
         """
         deadline = time.monotonic() + timeout
         while True:
+            asked = time.monotonic()
             job = self.job(job_id, wait=poll)
             if on_update:
                 on_update(job)
@@ -91,6 +92,10 @@ class ImgsimClient:
                 return job
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f}s")
+            if time.monotonic() - asked < poll / 2:
+                # Answered early without the job ending: the server declined to hold the
+                # request (every long-poll slot busy, Retry-After: 1); ask again a bit later.
+                time.sleep(min(1.0, poll))
 
     def query_by_id(self, image_id: str, k: int = 10) -> dict:
         """Start a query job with an already indexed image (``POST /jobs/query`` JSON form)."""

@@ -96,8 +96,8 @@ def start(data_root: Path, port: int, timeout: float = 120.0) -> None:
     env = stack_env(data_root, port)
     _spawn("worker", [str(BIN / "celery"), "-A", "workers.celery_app", "worker",
                       "--loglevel=INFO", "-n", "demo@%h"], env)
-    _spawn("api", [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
-                   "--threads", "4", "--timeout", "60", "api.wsgi:app"], env)
+    # Processes, threads and timeout come from gunicorn.conf.py (read from the repository).
+    _spawn("api", [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "api.wsgi:app"], env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for name in ("api", "worker"):

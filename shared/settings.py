@@ -60,6 +60,12 @@ class Settings:
     redis_timeout_s: int = 2
     heartbeat_s: int = 10
     max_attempts: int = 3
+    # The API server: gunicorn processes and threads per process (gunicorn.conf.py), and how
+    # many of a process's threads may wait in long-polls at once (the rest stay free for other
+    # requests; a long-poll beyond that answers at once with Retry-After).
+    api_workers: int = 2
+    api_threads: int = 16
+    max_long_polls: int = 8
     # Bearer keys; empty means no authentication. Kept out of repr so logs never show them.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
 
@@ -107,5 +113,8 @@ class Settings:
             redis_timeout_s=_int(env, "IMGSIM_REDIS_TIMEOUT_S", cls.redis_timeout_s, 1),
             heartbeat_s=_int(env, "IMGSIM_HEARTBEAT_S", cls.heartbeat_s, 1),
             max_attempts=_int(env, "IMGSIM_MAX_ATTEMPTS", cls.max_attempts, 1),
+            api_workers=_int(env, "IMGSIM_API_WORKERS", cls.api_workers, 1),
+            api_threads=_int(env, "IMGSIM_API_THREADS", cls.api_threads, 1),
+            max_long_polls=_int(env, "IMGSIM_MAX_LONG_POLLS", cls.max_long_polls, 0),
             api_keys=_keys(env.get("IMGSIM_API_KEYS")),
         )

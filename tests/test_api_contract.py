@@ -514,6 +514,28 @@ def test_long_poll_wakes_on_cancel_of_a_queued_job(client, store):
     assert time.monotonic() - started < 3
 
 
+def test_long_polls_beyond_the_limit_are_answered_at_once_with_retry_after(settings, store):
+    from dataclasses import replace
+
+    limited = Client(create_app(replace(settings, max_long_polls=2)))
+    job = store.create(JobType.TRAIN, {})
+    url = f"/jobs/{job['job_id']}?wait=3"
+    holders = [threading.Thread(target=limited.get, args=(url,)) for _ in range(2)]
+    for thread in holders:
+        thread.start()
+    time.sleep(0.3)  # both slots taken
+    started = time.monotonic()
+    response = limited.get(url)
+    assert time.monotonic() - started < 1.0
+    assert response.get_json()["status"] == "queued"
+    assert response.headers["Retry-After"] == "1"
+    store.succeed(job["job_id"], {"done": 1})  # wakes the holders
+    for thread in holders:
+        thread.join(timeout=5)
+    again = limited.get(url)  # slots free again, and the job is final: no Retry-After
+    assert again.get_json()["status"] == "succeeded" and "Retry-After" not in again.headers
+
+
 @pytest.mark.parametrize("wait", ["31", "-1", "nan", "abc", "inf"])
 def test_bad_wait_is_400(client, store, wait):
     job = store.create(JobType.TRAIN, {})

@@ -115,9 +115,18 @@ def test_api_runs_gunicorn_on_wsgi_app(services: dict) -> None:
     assert command[0] == "gunicorn"
     assert command[-1] == "api.wsgi:app"
     assert command[command.index("--bind") + 1] == "0.0.0.0:8000"
-    assert command[command.index("--workers") + 1] == "2"
-    assert command[command.index("--timeout") + 1] == "60"
     assert any(str(p).split(":")[-1] == "8000" for p in api["ports"])
+    # Processes and threads come from gunicorn.conf.py, which the image carries.
+    assert "--workers" not in command and "--threads" not in command
+    assert "gunicorn.conf.py" in (ROOT / "Dockerfile").read_text()
+    assert {"IMGSIM_API_WORKERS", "IMGSIM_API_THREADS"} <= set(api["environment"])
+
+
+def test_gunicorn_config_uses_threaded_workers_from_the_settings() -> None:
+    config: dict = {}
+    exec((ROOT / "gunicorn.conf.py").read_text(), config)
+    assert config["worker_class"] == "gthread"
+    assert config["threads"] > config["_settings"].max_long_polls > 0
 
 
 def test_api_healthcheck_uses_python_not_curl(services: dict) -> None:

@@ -59,9 +59,15 @@ function postJson(path, body) {
 // Long-poll a job (GET /jobs/<id>?wait=N) until it ends, reporting each record seen.
 async function pollJob(jobId, onUpdate, wait) {
   for (;;) {
+    const asked = Date.now();
     const job = await api(`/jobs/${jobId}?wait=${wait}`);
     onUpdate(job);
     if (FINAL.has(job.status)) return job;
+    // An early answer for a job still running means the server declined to hold the request
+    // (every long-poll slot busy, Retry-After: 1): ask again a second later, not at once.
+    if (Date.now() - asked < (wait * 1000) / 2) {
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+    }
   }
 }
 

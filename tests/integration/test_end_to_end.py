@@ -249,3 +249,30 @@ def test_second_training_swaps_version_while_queries_keep_succeeding(service, tr
     assert old_version in versions and new_version in versions
     # Once the new version answered, the old one never answers again.
     assert old_version not in versions[versions.index(new_version):]
+
+
+def test_waiting_long_polls_never_stall_other_requests(service):
+    # A job that stays queued (recorded, never enqueued), watched by more long-polls than the
+    # two gunicorn processes have threads for them (gunicorn.conf.py, IMGSIM_MAX_LONG_POLLS).
+    from shared.jobs import JobStore, JobType
+    from shared.keys import Keys
+
+    store = JobStore(service["redis"], Keys(service["prefix"]), 600)
+    job_id = store.create(JobType.TRAIN, {"dataset": "never"})["job_id"]
+    url = f"{service['base']}/jobs/{job_id}?wait=6"
+    answers: list[requests.Response] = []
+    watchers = [threading.Thread(target=lambda: answers.append(requests.get(url, timeout=20)))
+                for _ in range(24)]
+    for thread in watchers:
+        thread.start()
+    time.sleep(1.0)
+    for path in ("/healthz", "/models", f"/jobs/{job_id}"):
+        started = time.monotonic()
+        assert requests.get(service["base"] + path, timeout=10).status_code == 200
+        assert time.monotonic() - started < 1.0, path
+    store.request_cancel(job_id)  # ends the job: every held long-poll answers
+    for thread in watchers:
+        thread.join(timeout=20)
+    assert len(answers) == 24 and all(a.status_code == 200 for a in answers)
+    declined = [a for a in answers if "Retry-After" in a.headers]
+    assert 0 < len(declined) < 24  # some held (up to 8 per process), the rest answered at once
