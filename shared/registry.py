@@ -114,10 +114,19 @@ class ModelRegistry:
                         raise IncompleteVersion(version, missing)
                     pipe.multi()
                     pipe.set(self._keys.active_model(), version, get=True)
-                    (previous,) = pipe.execute()
-                    return previous.decode() if previous else None
+                    pipe.zrem(self._keys.superseded(), version)
+                    previous, _ = pipe.execute()
+                    previous = previous.decode() if previous else None
+                    if previous and previous != version:
+                        self.mark_superseded(previous)
+                    return previous
                 except redis.WatchError:
                     continue
+
+    def mark_superseded(self, version: str) -> None:
+        """Record that ``version`` stopped serving now: its LSH tables are removed after the
+        grace period (``imgsim.gc_versions``) unless it is active again by then."""
+        self._redis.zadd(self._keys.superseded(), {version: time.time()})
 
     def missing_parts(self, version: str, artifacts_dir: Path) -> list[str]:
         """What a version lacks to serve queries: artifact files and its image-path index.

@@ -154,7 +154,7 @@ def run_training(
         registry.register(version, summary)
         previous = registry.activate(version)  # the single atomic switch
         if previous and previous != version:  # its tables go after a grace period
-            client.zadd(keys.superseded(), {previous: time.time()})
+            registry.mark_superseded(previous)
     except BaseException:
         delete_namespace(client, namespace)
         registry.forget(version)

@@ -222,3 +222,22 @@ def test_version_swap_under_query_loop_then_old_namespace_removed(service, folde
     assert list(client.scan_iter(match=f"{service['prefix']}:{{{new}}}:t*", count=1000))
     assert not client.exists(f"{service['prefix']}:{{{old}}}:built")
     assert _query_file(base, data)["model_version"] == new
+    service["swapped_to"] = new
+
+
+def test_rollback_rebuilds_the_old_tables_and_collects_the_ones_rolled_away_from(service):
+    base, client, prefix = service["base"], service["redis"], service["prefix"]
+    old, new = service["version"], service["swapped_to"]
+    answer = requests.post(f"{base}/models/{old}/activate", timeout=10)
+    assert answer.status_code == 200 and answer.json()["previous"] == new
+    data = sorted((service["root"] / "base" / "dog").iterdir())[0].read_bytes()
+    assert _query_file(base, data)["model_version"] == old  # its tables rebuilt by a worker
+    assert list(client.scan_iter(match=f"{prefix}:{{{old}}}:t*", count=1000))
+    # The version rolled away from is superseded like after a training: tables gone after the
+    # grace period, so rollbacks never leak Redis memory.
+    new_tables = f"{prefix}:{{{new}}}:t*"
+    deadline = time.monotonic() + GRACE_S + 30
+    while time.monotonic() < deadline and list(client.scan_iter(match=new_tables, count=1000)):
+        time.sleep(0.5)
+    assert not list(client.scan_iter(match=new_tables, count=1000))
+    assert _query_file(base, data)["model_version"] == old
