@@ -193,7 +193,11 @@ SCHEMAS: dict[str, Any] = {
                 "properties": {
                     "version": {"type": "string"},
                     "created_at": {"type": ["string", "null"]},
-                    "images": {"type": ["integer", "null"]},
+                    "images": {"type": ["integer", "null"],
+                               "description": "images queries search now: trained, plus "
+                                              "added by index jobs, minus deleted"},
+                    "trained_images": {"type": ["integer", "null"],
+                                       "description": "images the version was trained on"},
                     "embedding_dim": {"type": ["integer", "null"]},
                     "architecture": {"type": ["string", "null"]},
                     "train_params": {"type": ["object", "null"]},

@@ -161,12 +161,18 @@ class ModelRegistry:
         for version in versions:
             pipe.get(self._keys.model_meta(version))
             pipe.get(self._keys.model_quality(version))
+            pipe.hlen(self._keys.image_paths(version))
         replies = pipe.execute()
         models = []
-        for version, raw, quality in zip(versions, replies[::2], replies[1::2], strict=True):
+        for version, raw, quality, live in zip(versions, replies[::3], replies[1::3],
+                                               replies[2::3], strict=True):
             meta = json.loads(raw) if raw else {}
             if quality:
                 meta["quality"] = json.loads(quality)
+            # What queries search now: trained images, plus those added, minus those deleted.
+            meta["trained_images"] = meta.get("images")
+            if live:
+                meta["images"] = live
             train_params = meta.get("train_params")
             if train_params is None and artifacts_dir is not None:
                 train_params = _config_field(artifacts_dir / version, "train_params")

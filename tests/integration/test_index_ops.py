@@ -64,6 +64,10 @@ def test_index_folder_adds_new_images_skips_known_content_and_lists_failures(ser
     result = folder_added
     assert result["version"] == service["version"]
     assert len(result["added"]) == 9
+    listing = requests.get(f"{service['base']}/models", timeout=10).json()
+    (model,) = [m for m in listing["models"] if m["version"] == service["version"]]
+    assert model["trained_images"] == 3 * PER_CLASS
+    assert model["images"] >= 3 * PER_CLASS + 9  # what queries search (uploads may add more)
     assert {a["path"].split("/")[0] for a in result["added"]} == {"cat", "dog", "panda"}
     skipped = {s["path"]: s for s in result["skipped"]}
     assert skipped["same_bytes_as_indexed.jpg"]["reason"] == "already indexed"
@@ -164,8 +168,15 @@ def test_deleted_image_is_never_returned(service, folder_added):
     data = path.read_bytes()
     target = _query_file(base, data)["hits"][0]
     assert target["path"] == f"panda/{path.name}"
+
+    def listed_images() -> int:
+        models = requests.get(f"{base}/models", timeout=10).json()["models"]
+        return next(m["images"] for m in models if m["version"] == service["version"])
+
+    before = listed_images()
     response = requests.delete(f"{base}/images/{target['image_id']}", timeout=5)
     assert response.status_code == 200
+    assert listed_images() == before - 1
     assert response.json()["image_id"] == target["image_id"] and response.json()["deleted"]
     for form in ({}, {"exact": "true"}, {"probes": "8"}, {}, {}):
         ids = [h["image_id"] for h in _query_file(base, data, **form)["hits"]]
