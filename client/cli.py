@@ -264,7 +264,9 @@ def _eval_summary(result: Mapping[str, Any]) -> list[str]:
 
 
 def _hits_table(hits: Sequence[Mapping[str, Any]]) -> str:
-    rows = [[i, _fmt(h.get("score")), _fmt(h.get("distance")), h.get("path"), h.get("image_id")]
+    # An uploaded image is stored as <id>.<ext>: show its own file name when the server has it.
+    rows = [[i, _fmt(h.get("score")), _fmt(h.get("distance")),
+             f"{h['name']} (uploaded)" if h.get("name") else h.get("path"), h.get("image_id")]
             for i, h in enumerate(hits, 1)]
     return _table(rows, ["#", "score", "distance", "path", "image_id"])
 

@@ -122,8 +122,12 @@ def run_index(settings: Settings, client: redis.Redis, cache: ActiveModelCache, 
                     entries.append({"image_id": image_id, "path": stored, "root": str(root),
                                     "shown": path})
                 if entries:
+                    # An upload is stored as <image_id>.<ext>; its own file name is kept as
+                    # metadata ("name") and shown with its hits.
                     rows = index.add(vectors[finite], [
-                        {k: e[k] for k in ("image_id", "path", "root")} for e in entries])
+                        {"image_id": e["image_id"], "path": e["path"], "root": e["root"],
+                         **({"name": e["shown"]} if e["shown"] != e["path"] else {})}
+                        for e in entries])
                     for entry, outcome in zip(entries, rows, strict=True):
                         if "skipped" in outcome:
                             skipped.append({"path": entry["shown"], "reason": "already indexed",

@@ -406,8 +406,9 @@ class LshIndex(LSHash):
             pipe = self._client.pipeline(transaction=True)
             for key, value in self._bucket_values(rows, self.codes(vectors[fresh])):
                 pipe.append(key, value)
-            pipe.rpush(self.keys.added, *[json.dumps({"image_id": e["image_id"],
-                                                       "path": e["path"]}) for e in new_entries])
+            pipe.rpush(self.keys.added, *[json.dumps({
+                "image_id": e["image_id"], "path": e["path"],
+                **({"name": e["name"]} if e.get("name") else {})}) for e in new_entries])
             pipe.hset(self.keys.images, mapping=self._entry_fields(new_entries, first))
             pipe.set(self.keys.rows, first + len(fresh))
             pipe.incr(self.keys.generation)

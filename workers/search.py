@@ -80,12 +80,12 @@ def open_index(client: redis.Redis, keys: Keys, settings: Settings,
     return index
 
 
-def row_entry(version: ModelVersion, index: LshIndex, row: int) -> tuple[str, str]:
-    """(image_id, path) of a row: trained rows from the version, added rows from Redis."""
+def row_entry(version: ModelVersion, index: LshIndex, row: int) -> dict:
+    """{"image_id", "path"} of a row, plus "name" (an upload's own file name) when known:
+    trained rows from the version, added rows from Redis."""
     if row < len(version.image_ids):
-        return version.image_ids[row], version.paths[row]
-    entry = index.added_meta[row - len(version.image_ids)]
-    return entry["image_id"], entry["path"]
+        return {"image_id": version.image_ids[row], "path": version.paths[row]}
+    return dict(index.added_meta[row - len(version.image_ids)])
 
 
 def search_vector(version: ModelVersion, index: LshIndex, query: np.ndarray, k: int,
@@ -111,10 +111,8 @@ def search_vector(version: ModelVersion, index: LshIndex, query: np.ndarray, k: 
     for row, dist in zip(found.rows.tolist(), found.distances.tolist(), strict=True):
         if row == exclude_row or len(hits) == k:
             continue
-        image_id, path = row_entry(version, index, row)
         hits.append({
-            "image_id": image_id,
-            "path": path,
+            **row_entry(version, index, row),
             "distance": round(float(dist), 6),
             # Vectors are unit length, so cosine similarity = 1 - d^2 / 2.
             "score": round(float(1.0 - dist * dist / 2.0), 6),

@@ -215,7 +215,10 @@ function renderHits(hits) {
   const grid = $("hits");
   grid.replaceChildren();
   hits.forEach((hit, i) => {
-    const { name, folder } = basename(hit.path);
+    const split = basename(hit.path);
+    // An uploaded image is stored under its content id; "name" is its own file name.
+    const name = hit.name || split.name;
+    const folder = hit.name ? "uploaded" : split.folder;
     const img = el("img", { alt: hit.path, loading: "lazy", width: "256", height: "256" });
     setImage(img, thumbUrl(hit.image_id));
     const figure = el("figure", {

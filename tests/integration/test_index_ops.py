@@ -112,6 +112,10 @@ def test_uploaded_files_are_added_once_and_served(service, folder_added):
     assert result["skipped"][0]["path"] == "p_again.jpg"
     served = requests.get(f"{base}/images/{result['added'][0]['image_id']}", timeout=5)
     assert served.status_code == 200 and served.content == photo
+    # Stored under its content id; its own file name travels with its hits.
+    first = _query_file(base, other)["hits"][0]
+    assert first["image_id"] == result["added"][1]["image_id"]
+    assert first["name"] == "c.jpg" and first["path"] != "c.jpg"
     bad = requests.post(f"{base}/jobs/index", files=[("image", ("x.jpg", b"<html>"))],
                         timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "not_an_image"
