@@ -76,6 +76,9 @@ def check_form_fields(allowed: set[str]) -> None:
     once: anything else is a 400 naming it (a typo like ``K=5`` is not silently ignored)."""
     for name in request.files:
         if name != "image":
+            if "image" not in request.files:  # the usual mistake: the file in another field
+                raise ApiError(400, "missing_image", f"no 'image' file part: send the image "
+                               f"in the field 'image', not {name!r}")
             raise ApiError(400, "invalid_parameter",
                            f"{name}: unknown file field; send images in 'image'", field=name)
     for name in request.form:

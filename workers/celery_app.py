@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 
 import redis
 from celery import Celery, signals
@@ -83,7 +84,9 @@ def _init_child(**_kwargs) -> None:
     from workers.device import configure_threads
 
     threads = configure_threads(settings.torch_threads, settings.worker_concurrency)
-    init_context(settings, threads)
+    ctx = init_context(settings, threads)
+    # Load the active version now and whenever the pointer moves, so no query pays for it.
+    threading.Thread(target=ctx.keep_active_model_loaded, name="active-model", daemon=True).start()
 
 
 _supervisor = None

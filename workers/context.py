@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import time
 from dataclasses import dataclass
 
 import redis
@@ -11,6 +13,8 @@ from shared.jobs import JobStore
 from shared.keys import Keys
 from shared.redis_clients import worker_redis
 from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +32,24 @@ class WorkerContext:
         from workers.device import resolve_device  # torch only in the child process
 
         return resolve_device(self.settings.device)
+
+    def keep_active_model_loaded(self, interval_s: float = 1.0) -> None:
+        """Load the active version, then check the pointer every ``interval_s`` seconds and
+        load a new version as soon as it is activated (runs for ever in a daemon thread).
+
+        A query otherwise loads a version itself on first use: ~100-200 ms on the first query
+        after every training or rollback.
+        """
+        from workers.errors import JobError
+
+        while True:
+            try:
+                self.models.get()
+            except JobError:
+                pass  # no active model yet, or its files are missing: queries say so
+            except Exception as exc:  # Redis restarting, a version being removed...
+                log.debug("active model not loaded in the background: %s", exc)
+            time.sleep(interval_s)
 
     @functools.cached_property
     def models(self):

@@ -276,3 +276,16 @@ def test_waiting_long_polls_never_stall_other_requests(service):
     assert len(answers) == 24 and all(a.status_code == 200 for a in answers)
     declined = [a for a in answers if "Retry-After" in a.headers]
     assert 0 < len(declined) < 24  # some held (up to 8 per process), the rest answered at once
+
+
+def test_workers_load_a_new_version_before_its_first_query(service, trained):
+    # Each worker process loads the active version in the background as soon as it is
+    # activated: once a moment has passed, no query pays for loading (~100+ ms otherwise).
+    job, _ = _train(service["base"], "animals_subset", epochs=1, seed=11)
+    assert job["status"] == "succeeded", job
+    time.sleep(2.5)
+    data = sorted((service["subset"] / "dog").iterdir())[1].read_bytes()
+    results = [_query(service["base"], data) for _ in range(6)]
+    assert all(r["model_version"] == job["result"]["version"] for r in results)
+    assert max(r["timings_ms"]["load_ms"] for r in results) < 20, \
+        [r["timings_ms"] for r in results]
