@@ -368,6 +368,9 @@ class Cli:
 
     def query(self) -> int:
         image: Path = self.args.image
+        if image.is_dir():
+            raise UsageError(f"{image} is a folder: give one image file (to add a folder to "
+                             "the index, use 'imgsim index FOLDER')")
         if not image.is_file():
             raise UsageError(f"no such image file: {image}")
         if not 1 <= self.args.k <= 100:
@@ -522,6 +525,12 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     handler = getattr(cli, args.command)
     try:
         return handler()
+    except BrokenPipeError:
+        # The reader went away (`imgsim jobs | head`): stop quietly like other commands do.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        if out is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except UsageError as exc:
         err.write(f"imgsim: error: {exc}\n")
     except ApiError as exc:

@@ -9,7 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch (large; served from this machine's disk where available)"
-  .venv/bin/pip install -q --disable-pip-version-check "torch==2.14.1" 2>&1 | grep -v "is ignored" || true
+  # numpy with it: torch warns at import when numpy is missing.
+  .venv/bin/pip install -q --disable-pip-version-check "torch==2.14.1" "numpy>=1.26" 2>&1 | grep -v "is ignored" || true
   .venv/bin/python -c "import torch" || .venv/bin/pip install -q --disable-pip-version-check "torch>=2.3,<2.15"
 fi
 stamp=.venv/.imgsim-installed

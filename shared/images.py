@@ -219,7 +219,7 @@ def _too_large(width: int | None, height: int | None, max_pixels: int) -> ImageD
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Open (header only) and check format and size; raises ImageDecodeError."""
     if not data:
-        raise ImageDecodeError("empty_file", "empty file: the upload has no bytes")
+        raise ImageDecodeError("empty_file", "empty file (0 bytes)")
     container = _sniff_container(data[:64])
     if container and container[0] not in OPTIONAL_READABLE:
         raise ImageDecodeError(

@@ -62,7 +62,8 @@ def read_labels_csv(path: Path, max_bytes: int = MAX_LABELS_BYTES) -> dict[str, 
         label = row[class_col].strip()
         if rel is None or not label:
             raise LabelsError("invalid_labels",
-                              f"labels file line {line}: needs a relative path and a class")
+                              f"labels file line {line}: needs a path inside the labels file's "
+                              "folder (relative, no '..') and a class")
         labels[rel] = label
     if not labels:
         raise LabelsError("invalid_labels", "labels file lists no image")

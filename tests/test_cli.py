@@ -106,3 +106,23 @@ def test_thumbnail_cache_evicts_least_recently_used_by_bytes():
     assert cache.get("b") is None and cache.get("a") and cache.get("c")
     cache.put("huge", b"x" * 11)
     assert cache.get("huge") is None
+
+
+def test_a_folder_given_as_the_query_image_is_a_usage_error(tmp_path):
+    code, _, err = _run(["query", str(tmp_path)])
+    assert code == EXIT_USAGE and "is a folder" in err and "imgsim index" in err
+
+
+def test_a_closed_pipe_on_stdout_ends_quietly(monkeypatch):
+    class ClosedPipe(io.StringIO):
+        def write(self, _text):
+            raise BrokenPipeError
+
+    def listing(_self, **_kwargs):
+        return {"jobs": [{"job_id": "a" * 32, "type": "query", "status": "queued"}],
+                "next_cursor": None}
+
+    monkeypatch.setattr("client.ImgsimClient.jobs", listing)
+    err = io.StringIO()
+    assert main(["--json", "jobs"], env={}, out=ClosedPipe(), err=err) == 0
+    assert err.getvalue() == ""

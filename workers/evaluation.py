@@ -44,6 +44,8 @@ ProgressFn = Callable[[dict], None]
 # rows they are left out (and the result says so); the model's own figures are always computed.
 BASELINE_MAX_ROWS = 200_000
 UNLABELLED = ""
+# Query images embedded per step (progress is reported after each).
+ENCODE_CHUNK = 256
 
 
 class IndexedImages:
@@ -97,8 +99,10 @@ def _ranked_labels(neighbours: np.ndarray, query_positions: list[int | None],
 
 
 def _search_all(index: LshIndex, indexed: IndexedImages, vectors: np.ndarray, k: int,
-                query_positions: list[int | None], exact: bool) -> tuple[list[list[str]], dict]:
-    """Every query through ``LshIndex.search``: the exact scan, or forced through the tables."""
+                query_positions: list[int | None], exact: bool,
+                on_done: Callable[[int], None]) -> tuple[list[list[str]], dict]:
+    """Every query through ``LshIndex.search``: the exact scan, or forced through the tables;
+    ``on_done`` hears how many are done (every 64)."""
     hits: list[list[str]] = []
     methods: Counter[str] = Counter()
     candidates = 0
@@ -112,6 +116,8 @@ def _search_all(index: LshIndex, indexed: IndexedImages, vectors: np.ndarray, k:
         positions = [indexed.position.get(int(r)) for r in found.rows.tolist()]
         kept = [p for p in positions if p is not None and p != own][:k]
         hits.append([indexed.labels[p] for p in kept])
+        if len(hits) % 64 == 0 or len(hits) == len(vectors):
+            on_done(len(hits))
     seconds = time.perf_counter() - started
     return hits, {"methods": dict(methods),
                   "mean_candidates": round(candidates / max(len(vectors), 1), 1),
@@ -280,18 +286,27 @@ def run_evaluation(settings: Settings, client: redis.Redis, cache: ActiveModelCa
     phase = time.perf_counter()
     report({"phase": "embed", "images_done": 0, "images_total": len(query_rows)})
     query_images = np.asarray(decoded.images[query_rows])
-    codes = encode_images(version.model, query_images, device, precision=settings.precision)
-    vectors = normalise(codes, version.center)
+    chunks = []
+    for start in range(0, len(query_images), ENCODE_CHUNK):
+        chunks.append(encode_images(version.model, query_images[start : start + ENCODE_CHUNK],
+                                    device, precision=settings.precision))
+        report({"phase": "embed", "images_done": start + len(chunks[-1]),
+                "images_total": len(query_rows)})
+    vectors = normalise(np.concatenate(chunks), version.center)
     report({"phase": "embed", "images_done": len(query_rows), "images_total": len(query_rows)})
     timings["embed_s"] = round(time.perf_counter() - phase, 2)
 
     phase = time.perf_counter()
-    report({"phase": "search", "images_done": 0, "images_total": len(query_rows)})
-    exact_hits, exact_info = _search_all(index, indexed, vectors, k, own, exact=True)
-    report({"phase": "search", "images_done": len(query_rows) // 2,
-            "images_total": len(query_rows)})
-    lsh_hits, lsh_info = _search_all(index, indexed, vectors, k, own, exact=False)
-    report({"phase": "search", "images_done": len(query_rows), "images_total": len(query_rows)})
+    searches = 2 * len(query_rows)  # every query exactly, then through the tables
+    report({"phase": "search", "images_done": 0, "images_total": searches})
+    exact_hits, exact_info = _search_all(
+        index, indexed, vectors, k, own, exact=True,
+        on_done=lambda done: report({"phase": "search", "images_done": done,
+                                     "images_total": searches}))
+    lsh_hits, lsh_info = _search_all(
+        index, indexed, vectors, k, own, exact=False,
+        on_done=lambda done: report({"phase": "search", "images_done": len(query_rows) + done,
+                                     "images_total": searches}))
     exact = {**retrieval_metrics(query_labels, exact_hits, k, relevant), **exact_info}
     lsh = {**retrieval_metrics(query_labels, lsh_hits, k, relevant), **lsh_info,
            "probes": index.default_probes}
