@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 from flask import Flask, jsonify, request
@@ -28,6 +29,32 @@ def error_response(status: int, code: str, message: str, **extra):
     return jsonify(body), status
 
 
+def _drain_body(length: int | None, limit: int, seconds: float = 10.0) -> None:
+    """Read and drop what is left of a refused request body before answering.
+
+    A 413 is decided from the headers, before the body is read. Closing a connection whose
+    unread body is still arriving makes the kernel reset it, and the client then sees
+    "connection reset" instead of the JSON answer (seen with threaded gunicorn workers under
+    load). Bodies up to ``limit`` bytes are read to the end (for at most ``seconds``); larger
+    ones are cut off, as a server must.
+    """
+    if not length or length > limit:
+        return
+    stream = request.environ.get("wsgi.input")
+    if stream is None:
+        return
+    deadline = time.monotonic() + seconds
+    remaining = length
+    try:
+        while remaining > 0 and time.monotonic() < deadline:
+            chunk = stream.read(min(256 * 1024, remaining))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+    except (OSError, ValueError):  # the client went away meanwhile
+        pass
+
+
 def register(app: Flask) -> None:
     """Install the JSON error handlers on ``app``."""
 
@@ -40,6 +67,7 @@ def register(app: Flask) -> None:
         limit = app.extensions["imgsim"].settings.max_upload_bytes
         body_limit = app.config.get("MAX_CONTENT_LENGTH")
         length = request.content_length
+        _drain_body(length, 4 * (body_limit or limit))
         if length is not None and body_limit is not None and length <= body_limit:
             # The body fits, so Werkzeug's form parser refused a text field or the part count.
             return error_response(
