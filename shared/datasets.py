@@ -18,12 +18,14 @@ class DatasetError(ValueError):
         self.message = message
 
 
-def _resolve_inside(data_root: Path, raw: str, field: str) -> Path:
-    """Resolve a user-given path, relative to the data root or absolute inside it."""
+def _resolve_inside(data_root: Path, raw: str, field: str, want_folder: bool) -> Path:
+    """Resolve a user-given path, relative to the data root or absolute inside it, that exists
+    and is a folder (``want_folder``) or a regular file."""
     if not isinstance(raw, str) or not raw.strip():
         raise DatasetError(f"invalid_{field}", f"'{field}' must be a non-empty path")
     if "\x00" in raw:
         raise DatasetError(f"invalid_{field}", f"'{field}' contains a NUL byte")
+    noun, kind = ("folder", "folder") if want_folder else ("file", "regular file")
     candidate = Path(raw)
     if not candidate.is_absolute():
         candidate = data_root / candidate
@@ -39,6 +41,12 @@ def _resolve_inside(data_root: Path, raw: str, field: str) -> Path:
             f"{field}_outside_data_root",
             f"{field} must lie inside the data root {str(data_root)!r}",
         )
+    try:
+        mode = resolved.stat().st_mode
+    except OSError:
+        raise DatasetError(f"{field}_not_found", f"{field} {noun} not found: {raw!r}") from None
+    if not (stat.S_ISDIR(mode) if want_folder else stat.S_ISREG(mode)):
+        raise DatasetError(f"{field}_not_a_{noun}", f"{field} is not a {kind}: {raw!r}")
     return resolved
 
 
@@ -56,14 +64,7 @@ def resolve_dataset(data_root: Path, dataset: str) -> Path:
         DatasetError: empty, outside the root (``..`` or a symlink escape), missing, not a folder,
             or unresolvable (symlink loop, name too long).
     """
-    resolved = _resolve_inside(data_root, dataset, "dataset")
-    try:
-        mode = resolved.stat().st_mode
-    except OSError:
-        raise DatasetError("dataset_not_found", f"dataset folder not found: {dataset!r}") from None
-    if not stat.S_ISDIR(mode):
-        raise DatasetError("dataset_not_a_folder", f"dataset is not a folder: {dataset!r}")
-    return resolved
+    return _resolve_inside(data_root, dataset, "dataset", want_folder=True)
 
 
 def resolve_labels_file(data_root: Path, labels: str) -> Path:
@@ -79,14 +80,7 @@ def resolve_labels_file(data_root: Path, labels: str) -> Path:
     Raises:
         DatasetError: empty, outside the root, missing or not a regular file.
     """
-    resolved = _resolve_inside(data_root, labels, "labels")
-    try:
-        mode = resolved.stat().st_mode
-    except OSError:
-        raise DatasetError("labels_not_found", f"labels file not found: {labels!r}") from None
-    if not stat.S_ISREG(mode):
-        raise DatasetError("labels_not_a_file", f"labels is not a regular file: {labels!r}")
-    return resolved
+    return _resolve_inside(data_root, labels, "labels", want_folder=False)
 
 
 def display_name(name: str) -> str:
