@@ -14,3 +14,10 @@ worker_class = "gthread"
 workers = _settings.api_workers
 threads = _settings.api_threads
 timeout = 60
+
+
+def post_worker_init(worker) -> None:
+    """Errors gunicorn answers itself (request line too long, bad framing) are JSON too."""
+    from api.server_errors import install
+
+    install()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from celery import Celery
-from flask import Flask, Request
+from flask import Flask, Request, request
 
 from shared.jobs import QUERY_QUEUE, QUERY_TASK, TRAIN_QUEUE, TRAIN_TASK, JobStore
 from shared.keys import Keys
@@ -93,6 +93,14 @@ def create_app(settings: Settings | None = None) -> Flask:
         openapi,
         web,
     )
+
+    @app.before_request
+    def _bound_body_reads():
+        # gunicorn hands the app a blocking socket with no timeout: a client that stops in the
+        # middle of its body would hold this thread for ever (TimeoutError -> 408, api.errors).
+        sock = request.environ.get("gunicorn.socket")
+        if sock is not None:
+            sock.settimeout(settings.body_timeout_s)
 
     errors.register(app)
     auth.register(app, settings.api_keys)

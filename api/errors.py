@@ -7,7 +7,7 @@ import time
 
 import redis
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,17 @@ def register(app: Flask) -> None:
         # Keep what the exception says besides its HTML body, e.g. Allow on a 405.
         headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
         return body, status, headers
+
+    @app.errorhandler(ClientDisconnected)
+    def _body_cut_short(exc: ClientDisconnected):
+        # Werkzeug reports any failed body read as a disconnect; one that timed out (the
+        # socket timeout set per request in create_app) is a client that stopped sending.
+        if isinstance(exc.__context__, TimeoutError):
+            seconds = app.extensions["imgsim"].settings.body_timeout_s
+            return error_response(408, "request_timeout",
+                                  f"the request body stopped arriving: no data for {seconds} s")
+        return error_response(400, "body_incomplete",
+                              "the connection ended before the request body was complete")
 
     @app.errorhandler(redis.RedisError)
     def _redis_down(exc):

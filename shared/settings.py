@@ -66,6 +66,9 @@ class Settings:
     api_workers: int = 2
     api_threads: int = 16
     max_long_polls: int = 8
+    # Longest wait for the next bytes of a request body: a client that stops sending (or
+    # trickles) gets 408 instead of holding an API thread for ever.
+    body_timeout_s: int = 30
     # Bearer keys; empty means no authentication. Kept out of repr so logs never show them.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
 
@@ -116,5 +119,6 @@ class Settings:
             api_workers=_int(env, "IMGSIM_API_WORKERS", cls.api_workers, 1),
             api_threads=_int(env, "IMGSIM_API_THREADS", cls.api_threads, 1),
             max_long_polls=_int(env, "IMGSIM_MAX_LONG_POLLS", cls.max_long_polls, 0),
+            body_timeout_s=_int(env, "IMGSIM_BODY_TIMEOUT_S", cls.body_timeout_s, 1),
             api_keys=_keys(env.get("IMGSIM_API_KEYS")),
         )
