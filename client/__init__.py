@@ -23,6 +23,23 @@ class ApiError(RuntimeError):
         self.message = message
 
 
+# The code of an answer that did not come from an imgsim API (no JSON error body).
+NOT_IMGSIM = "not_imgsim"
+
+
+def _error_from(response: requests.Response) -> ApiError:
+    """The API's error, or a ``not_imgsim`` one when the body is not ``{"error": {...}}``."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("code"), str):
+        return ApiError(response.status_code, error["code"], str(error.get("message", "")))
+    kind = response.headers.get("Content-Type", "no content type").split(";")[0]
+    return ApiError(response.status_code, NOT_IMGSIM,
+                    f"HTTP {response.status_code} with {kind} ({len(response.content)} bytes)")
+
+
 class ImgsimClient:
     """Thin wrapper over the HTTP API.
 
@@ -42,14 +59,17 @@ class ImgsimClient:
     def _call(self, method: str, path: str, **kwargs) -> Any:
         response = self.session.request(method, self.url + path, timeout=kwargs.pop(
             "timeout", self.timeout), **kwargs)
+        if response.status_code >= 400:
+            raise _error_from(response)
         try:
             body = response.json()
         except ValueError:
             body = None
-        if response.status_code >= 400:
-            error = (body or {}).get("error", {}) if isinstance(body, dict) else {}
-            raise ApiError(response.status_code, error.get("code", "http_error"),
-                           error.get("message", response.text[:200]))
+        if not isinstance(body, dict | list):
+            # Every endpoint called here answers a JSON object: anything else is not imgsim.
+            kind = response.headers.get("Content-Type", "no content type").split(";")[0]
+            raise ApiError(response.status_code, NOT_IMGSIM,
+                           f"HTTP {response.status_code} with {kind}, not a JSON object")
         return body
 
     def train(self, dataset: str, **params) -> dict:
@@ -138,10 +158,5 @@ class ImgsimClient:
         response = self.session.get(f"{self.url}/images/{quote(image_id, safe='')}", params=params,
                                     timeout=self.timeout)
         if response.status_code >= 400:
-            try:
-                error = response.json().get("error", {})
-            except ValueError:
-                error = {}
-            raise ApiError(response.status_code, error.get("code", "http_error"),
-                           error.get("message", response.text[:200]))
+            raise _error_from(response)
         return response.content

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import requests
 from tqdm import tqdm
 
-from client import FINAL, ApiError, ImgsimClient
+from client import FINAL, NOT_IMGSIM, ApiError, ImgsimClient
 from client.sheet import Tile, contact_sheet, save_sheet
 
 EXIT_OK = 0
@@ -534,7 +534,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except UsageError as exc:
         err.write(f"imgsim: error: {exc}\n")
     except ApiError as exc:
-        if exc.status in {404, 405} and exc.code in {"not_found", "method_not_allowed"}:
+        if exc.code == NOT_IMGSIM:
+            err.write(f"imgsim: error: the server at {client.url} does not answer like an imgsim "
+                      f"API ({exc.message}); check --url or IMGSIM_URL\n")
+        elif exc.status in {404, 405} and exc.code in {"not_found", "method_not_allowed"}:
             # Flask's own answer, not the API's: no such route on this server.
             err.write(f"imgsim: error: the server at {client.url} has no endpoint for "
                       f"'{args.command}' (an older imgsim version?)\n")

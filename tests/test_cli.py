@@ -126,3 +126,47 @@ def test_a_closed_pipe_on_stdout_ends_quietly(monkeypatch):
     err = io.StringIO()
     assert main(["--json", "jobs"], env={}, out=ClosedPipe(), err=err) == 0
     assert err.getvalue() == ""
+
+
+@pytest.fixture()
+def foreign_server():
+    """A plain HTTP server that is not imgsim: HTML 404s, an HTML page, an empty 404."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/models"):
+                body, status, kind = b"<html>welcome</html>", 200, "text/html"
+            elif self.path.startswith("/jobs?"):
+                body, status, kind = b"", 404, "text/plain"
+            else:
+                body, status, kind = b"<!DOCTYPE HTML><html>404</html>", 404, "text/html"
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["models"], "HTTP 200 with text/html, not a JSON object"),
+    (["jobs"], "HTTP 404 with text/plain (0 bytes)"),
+    (["job", "abc"], "HTTP 404 with text/html"),
+])
+def test_a_server_that_is_not_imgsim_is_named_as_such(foreign_server, argv, said):
+    code, out, err = _run(["--url", foreign_server, *argv])
+    assert code == EXIT_USAGE and out == ""
+    assert err.count("\n") == 1
+    assert f"the server at {foreign_server} does not answer like an imgsim API" in err
+    assert said in err and "<html" not in err.lower()
