@@ -9,7 +9,14 @@ from flask import Blueprint, jsonify, request, url_for
 
 from api.errors import ApiError
 from api.services import services
-from shared.datasets import Candidate, DatasetError, iter_dataset, resolve_dataset
+from shared.datasets import (
+    SHOWN_CHARS,
+    Candidate,
+    DatasetError,
+    display_name,
+    iter_dataset,
+    resolve_dataset,
+)
 from shared.images import ImageDecodeError, decode_image, probe_image, read_file_bytes
 from shared.jobs import (
     FINAL_STATUSES,
@@ -74,22 +81,25 @@ def _has_readable_image(root) -> bool:
 def check_form_fields(allowed: set[str]) -> None:
     """A multipart request holds ``image`` file parts and the ``allowed`` text fields, each
     once: anything else is a 400 naming it (a typo like ``K=5`` is not silently ignored)."""
-    for name in request.files:
-        if name != "image":
+    for raw_name in request.files:
+        name = display_name(raw_name, SHOWN_CHARS)  # the client's: bounded in the answer
+        if raw_name != "image":
             if "image" not in request.files:  # the usual mistake: the file in another field
+                quoted = display_name(raw_name, SHOWN_CHARS, quote=True)
                 raise ApiError(400, "missing_image", f"no 'image' file part: send the image "
-                               f"in the field 'image', not {name!r}")
+                               f"in the field 'image', not {quoted}")
             raise ApiError(400, "invalid_parameter",
                            f"{name}: unknown file field; send images in 'image'", field=name)
-    for name in request.form:
-        if name == "image":
+    for raw_name in request.form:
+        name = display_name(raw_name, SHOWN_CHARS)
+        if raw_name == "image":
             raise ApiError(400, "missing_image", "'image' was sent as a text field: send the "
                            "image as a file part (multipart/form-data, e.g. curl -F image=@x.jpg)")
-        if name not in allowed:
+        if raw_name not in allowed:
             accepted = ", ".join(sorted(allowed)) or "none"
             raise ApiError(400, "invalid_parameter",
                            f"{name}: unknown field; accepted: {accepted}", field=name)
-        if len(request.form.getlist(name)) > 1:
+        if len(request.form.getlist(raw_name)) > 1:
             raise ApiError(400, "invalid_parameter", f"{name}: given more than once",
                            field=name)
 
@@ -117,7 +127,8 @@ def parse_dataset_request(params_type):
         raise ApiError(400, exc.code, exc.message) from None
     if not _has_readable_image(root):
         raise ApiError(400, "no_readable_images",
-                       f"no readable image found in dataset {params.dataset!r}")
+                       f"no readable image found in dataset "
+                       f"{display_name(params.dataset, SHOWN_CHARS, quote=True)}")
     return params, root
 
 
@@ -201,7 +212,8 @@ def get_job(job_id: str):
         declined = wait > 0
         job = svc.jobs.get(job_id)
     if job is None:
-        raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+        raise ApiError(404, "job_not_found",
+                       f"no job with id {display_name(job_id, SHOWN_CHARS, quote=True)}")
     response = jsonify(job)
     if declined and job["status"] not in FINAL_STATUSES:
         response.headers["Retry-After"] = "1"

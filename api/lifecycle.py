@@ -8,6 +8,7 @@ from flask import Blueprint, jsonify, request
 
 from api.errors import ApiError
 from api.services import services
+from shared.datasets import SHOWN_CHARS, display_name
 from shared.jobs import CursorError, JobStatus, JobType
 
 bp = Blueprint("lifecycle", __name__, url_prefix="/jobs")
@@ -59,7 +60,8 @@ def cancel_job(job_id: str):
     svc = services()
     outcome = svc.jobs.request_cancel(job_id) if JOB_ID.match(job_id) else "missing"
     if outcome == "missing":
-        raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+        raise ApiError(404, "job_not_found",
+                       f"no job with id {display_name(job_id, SHOWN_CHARS, quote=True)}")
     job = svc.jobs.get(job_id)
     if outcome == "finished" or job is None:
         status = job["status"] if job else "expired"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from shared.datasets import SHOWN_CHARS, display_name
+
 
 class ValidationError(ValueError):
     """A request field is missing or out of range; ``field`` names it."""
@@ -22,7 +24,8 @@ def _int_field(data: dict, name: str, default: int | None, lo: int, hi: int) -> 
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(name, f"must be an integer between {lo} and {hi}")
     if not lo <= value <= hi:
-        raise ValidationError(name, f"must be between {lo} and {hi}, got {value}")
+        raise ValidationError(name, f"must be between {lo} and {hi}, got "
+                                    f"{display_name(str(value), SHOWN_CHARS)}")
     return value
 
 
@@ -47,7 +50,9 @@ def _known_fields_and_dataset(cls: type, data: Any, what: str) -> str:
     unknown = sorted(set(data) - known)
     if unknown:
         accepted = ", ".join(sorted(known))
-        raise ValidationError(unknown[0], f"unknown field; accepted: {accepted}")
+        # The name is the client's: bounded, as every quoted input is.
+        raise ValidationError(display_name(unknown[0], SHOWN_CHARS),
+                              f"unknown field; accepted: {accepted}")
     dataset = data.get("dataset")
     if not isinstance(dataset, str) or not dataset.strip():
         raise ValidationError("dataset", f"required: {what}")

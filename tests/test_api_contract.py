@@ -655,3 +655,68 @@ def test_json_query_options_must_be_json_numbers_and_booleans(client, settings, 
     response = client.post("/jobs/query", json={"image_id": "a" * 24, **body})
     assert response.status_code == 400
     assert response.get_json()["error"]["field"] == next(iter(body))
+
+
+# --------------------------------------------------------------------------- bounded echoes
+
+HUGE = 600_000
+# Werkzeug refuses multipart part headers much longer than this (413), before any handler.
+HUGE_PART = 100_000
+
+
+def _huge(char: str = "a", size: int = HUGE) -> str:
+    return char * size
+
+
+def _png_part(name: str = "a.png"):
+    return (io.BytesIO(_png()), name)
+
+
+# (method, path, request arguments, length of the long value the answer must quote bounded)
+BOUNDED_CASES = [
+    ("POST", "/jobs/train", lambda: {"json": {"dataset": _huge()}}, HUGE),
+    ("POST", "/jobs/train", lambda: {"json": {"dataset": "held", _huge("x"): 1}}, HUGE),
+    ("POST", "/jobs/index", lambda: {"json": {"dataset": _huge()}}, HUGE),
+    ("POST", "/jobs/evaluate", lambda: {"json": {"dataset": _huge()}}, HUGE),
+    ("POST", "/jobs/evaluate", lambda: {"json": {"dataset": "held", "labels": _huge()}}, HUGE),
+    ("POST", "/jobs/query", lambda: {"json": {"image_id": "a" * 24, _huge("x"): 1}}, HUGE),
+    ("POST", "/jobs/query", lambda: {"data": {"image": _png_part(),
+                                              _huge("x", HUGE_PART): "5"}}, HUGE_PART),
+    ("POST", "/jobs/query", lambda: {"data": {_huge("x", HUGE_PART): _png_part()}}, HUGE_PART),
+    ("POST", "/jobs/query", lambda: {"data": {"image": _png_part(),
+                                              _huge("x", HUGE_PART): _png_part()}}, HUGE_PART),
+    ("POST", "/jobs/index", lambda: {"data": {"image": (io.BytesIO(b""), _huge("n", HUGE_PART))}},
+     HUGE_PART),
+    ("POST", "/jobs/index", lambda: {"data": {"image": (io.BytesIO(b"not an image"),
+                                                        _huge("n", HUGE_PART))}}, HUGE_PART),
+    ("GET", f"/jobs/{_huge()}", dict, HUGE),
+    ("POST", f"/jobs/{_huge()}/cancel", dict, HUGE),
+    ("GET", f"/images/{_huge()}", dict, HUGE),
+    ("DELETE", f"/images/{_huge()}", dict, HUGE),
+    ("POST", f"/models/{_huge()}/activate", dict, HUGE),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "make_kwargs", "size"), BOUNDED_CASES,
+                         ids=[f"{m}-{p[:20]}-{i}" for i, (m, p, *_) in enumerate(BOUNDED_CASES)])
+def test_error_messages_quote_user_input_bounded(roomy, settings, redis_client, eval_folder,
+                                                 method, path, make_kwargs, size):
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    response = roomy.request(method, path, **make_kwargs())
+    assert 400 <= response.status_code < 500, response.get_data()[:300]
+    assert len(response.get_data()) < 2000, response.get_data()[:300]
+    error = response.get_json()["error"]
+    # The first characters and the total length are kept, in the message or the field named;
+    # the rest is not repeated.
+    bounded = f"\u2026 ({size:,} characters)"
+    quoted = [error[key] for key in ("message", "field", "file") if key in error]
+    assert any(bounded in text for text in quoted), error
+    assert all(len(text) < 1000 for text in quoted), error
+
+
+def test_an_out_of_range_json_integer_is_quoted_bounded(client, eval_folder):
+    response = client.post("/jobs/train", json={"dataset": "held", "epochs": 10 ** 4000})
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["field"] == "epochs" and "(4,001 characters)" in error["message"]
+    assert len(response.get_data()) < 2000
