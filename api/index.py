@@ -13,7 +13,7 @@ from shared.collection import delete_image
 from shared.datasets import SHOWN_CHARS, display_name
 from shared.images import ImageDecodeError, decode_image
 from shared.jobs import INDEX_TASK, QUERY_QUEUE, SEARCH_TASK, TRAIN_QUEUE, JobType
-from shared.schema import IndexParams
+from shared.schema import IndexParams, decimal_int
 
 bp = Blueprint("index", __name__)
 
@@ -82,10 +82,7 @@ def _int_option(source: dict, name: str, lo: int, hi: int, default: int | None,
     if value is None:
         return None
     if isinstance(value, str) and from_form:  # form fields are text; JSON numbers are numbers
-        try:
-            value = int(value)
-        except ValueError:
-            value = None
+        value = decimal_int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ApiError(400, "invalid_parameter", f"{name} must be an integer between {lo} and "
                        f"{hi}", field=name)

@@ -26,7 +26,7 @@ from shared.jobs import (
     TRAIN_TASK,
     JobType,
 )
-from shared.schema import QueryParams, TrainParams, ValidationError
+from shared.schema import QueryParams, TrainParams, ValidationError, decimal_number
 
 bp = Blueprint("jobs", __name__, url_prefix="/jobs")
 
@@ -188,12 +188,8 @@ def get_job(job_id: str):
 
     ``?wait=N`` (0..30 seconds) holds the answer until the job ends or N seconds pass.
     """
-    raw_wait = request.args.get("wait", "0")
-    try:
-        wait = float(raw_wait)
-    except ValueError:
-        wait = -1.0
-    if not 0 <= wait <= MAX_WAIT_S:  # also refuses nan
+    wait = decimal_number(request.args.get("wait", "0"))
+    if wait is None or not 0 <= wait <= MAX_WAIT_S:
         raise ApiError(400, "invalid_parameter",
                        f"wait must be a number of seconds between 0 and {MAX_WAIT_S}",
                        field="wait")

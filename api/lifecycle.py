@@ -10,6 +10,7 @@ from api.errors import ApiError
 from api.services import services
 from shared.datasets import SHOWN_CHARS, display_name
 from shared.jobs import CursorError, JobStatus, JobType
+from shared.schema import decimal_int
 
 bp = Blueprint("lifecycle", __name__, url_prefix="/jobs")
 
@@ -23,11 +24,8 @@ MAX_LIMIT = 100
 def _limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_LIMIT
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_LIMIT:
+    value = decimal_int(raw)
+    if value is None or not 1 <= value <= MAX_LIMIT:
         raise ApiError(400, "invalid_parameter",
                        f"limit must be an integer between 1 and {MAX_LIMIT}", field="limit")
     return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -15,6 +16,44 @@ class ValidationError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+# Form fields and query parameters are text. Python's int() and float() also take surrounding
+# spaces, underscores ("1_0") and non-ASCII digits (Arabic-Indic five), float() "inf" and "nan": a
+# request carrying those is a typo or a probe, not what a client meant: only ASCII decimals pass.
+_DECIMAL_INT = re.compile(r"-?[0-9]+")
+_DECIMAL_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def decimal_int(text: Any) -> int | None:
+    """An integer written in ASCII decimal digits, with an optional leading minus.
+
+    Args:
+        text: a form field or query parameter.
+
+    Returns:
+        The integer, or None for anything else (spaces, ``1_0``, non-ASCII digits, ``1.0``).
+    """
+    if not isinstance(text, str) or not _DECIMAL_INT.fullmatch(text):
+        return None
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        return None
+
+
+def decimal_number(text: Any) -> float | None:
+    """A number written in ASCII decimal (``5``, ``0.5``, ``.5``, ``1e-3``), optionally negative.
+
+    Args:
+        text: a query parameter.
+
+    Returns:
+        The float, or None for anything else (spaces, ``inf``, ``nan``, non-ASCII digits).
+    """
+    if not isinstance(text, str) or not _DECIMAL_NUMBER.fullmatch(text):
+        return None
+    return float(text)
 
 
 def _int_field(data: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
@@ -134,13 +173,12 @@ class QueryParams:
 
     @classmethod
     def parse(cls, form: dict[str, str]) -> QueryParams:
-        raw = form.get("k", "10")
-        try:
-            k = int(raw)
-        except (TypeError, ValueError):
-            raise ValidationError("k", "must be an integer between 1 and 100") from None
+        k = decimal_int(form.get("k", "10"))
+        if k is None:
+            raise ValidationError("k", "must be an integer between 1 and 100")
         if not 1 <= k <= 100:
-            raise ValidationError("k", f"must be between 1 and 100, got {k}")
+            raise ValidationError("k", f"must be between 1 and 100, got "
+                                       f"{display_name(str(k), SHOWN_CHARS)}")
         return cls(k=k)
 
 

@@ -7,6 +7,7 @@ import io
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 import pytest
@@ -720,3 +721,66 @@ def test_an_out_of_range_json_integer_is_quoted_bounded(client, eval_folder):
     error = response.get_json()["error"]
     assert error["field"] == "epochs" and "(4,001 characters)" in error["message"]
     assert len(response.get_data()) < 2000
+
+
+# --------------------------------------------------------------------------- strict integers
+
+NOT_ASCII_DECIMAL = ["\u0665", "\uff15", " 5 ", "5 ", "1_0", "+5", "5\n", "0x10", "1.0", "5e0",
+                     ""]
+
+
+def _integer_request(client, settings, redis_client, store, where: str, value: str):
+    """Send ``value`` in the integer field ``where``; returns (response, field name)."""
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    if where == "query k":
+        return client.post("/jobs/query", data={"image": (io.BytesIO(_png()), "a.png"),
+                                                "k": value}), "k"
+    if where == "batch k":
+        return client.post("/jobs/query", data={"image": [(io.BytesIO(_png()), "a.png"),
+                                                          (io.BytesIO(_png()), "b.png")],
+                                                "k": value}), "k"
+    if where == "probes":
+        return client.post("/jobs/query", data={"image": (io.BytesIO(_png()), "a.png"),
+                                                "probes": value}), "probes"
+    query = urlencode({where: value})
+    if where == "limit":
+        return client.get(f"/jobs?{query}"), "limit"
+    if where == "size":
+        return client.get(f"/images/{'0' * 24}?{query}"), "size"
+    job = store.create(JobType.TRAIN, {})
+    return client.get(f"/jobs/{job['job_id']}?{query}"), "wait"
+
+
+INTEGER_FIELDS = ["query k", "batch k", "probes", "limit", "size", "wait"]
+
+
+@pytest.mark.parametrize("value", NOT_ASCII_DECIMAL)
+@pytest.mark.parametrize("where", INTEGER_FIELDS)
+def test_integer_text_fields_take_ascii_decimal_digits_only(client, settings, redis_client,
+                                                             store, where, value):
+    if where == "wait" and value in ("1.0", "5e0"):
+        pytest.skip("wait is a number of seconds: decimals and exponents are numbers")
+    response, field = _integer_request(client, settings, redis_client, store, where, value)
+    assert response.status_code == 400, (where, value, response.get_data())
+    error = response.get_json()["error"]
+    assert (error["code"], error["field"]) == ("invalid_parameter", field)
+    assert client.get("/jobs?type=query").get_json()["jobs"] == []
+
+
+@pytest.mark.parametrize("where", INTEGER_FIELDS)
+def test_integer_text_fields_still_take_plain_digits_and_range_check_negatives(
+        client, settings, redis_client, store, where):
+    plain = "0" if where == "wait" else "16"  # a wait of 16 s would hold the test that long
+    response, _ = _integer_request(client, settings, redis_client, store, where, plain)
+    assert response.status_code in (200, 202, 404), response.get_data()  # 404: no such image
+    response, field = _integer_request(client, settings, redis_client, store, where, "-1")
+    assert response.status_code == 400
+    assert response.get_json()["error"]["field"] == field
+    if where == "query k":
+        assert response.get_json()["error"]["message"] == "must be between 1 and 100, got -1"
+
+
+@pytest.mark.parametrize("wait", ["0.5", ".5", "1e-1", "0"])
+def test_wait_takes_decimal_numbers(client, store, wait):
+    job = store.create(JobType.TRAIN, {})
+    assert client.get(f"/jobs/{job['job_id']}?wait={wait}").status_code == 200
