@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 
@@ -13,6 +14,7 @@ from shared.datasets import (
     SHOWN_CHARS,
     Candidate,
     DatasetError,
+    canonical_name,
     display_name,
     iter_dataset,
     resolve_dataset,
@@ -112,7 +114,7 @@ def parse_dataset_request(params_type):
         params_type: TrainParams, EvaluateParams, ... (a ``parse`` classmethod and ``dataset``).
 
     Returns:
-        (params, resolved dataset folder).
+        (params with ``dataset`` as its canonical name inside the data root, resolved folder).
     """
     body = request.get_json(silent=True)
     if body is None:
@@ -121,15 +123,18 @@ def parse_dataset_request(params_type):
         params = params_type.parse(body)
     except ValidationError as exc:
         raise ApiError(400, "invalid_parameter", exc.message, field=exc.field) from None
+    data_root = services().settings.data_root
     try:
-        root = resolve_dataset(services().settings.data_root, params.dataset)
+        root = resolve_dataset(data_root, params.dataset)
     except DatasetError as exc:
         raise ApiError(400, exc.code, exc.message) from None
     if not _has_readable_image(root):
         raise ApiError(400, "no_readable_images",
                        f"no readable image found in dataset "
                        f"{display_name(params.dataset, SHOWN_CHARS, quote=True)}")
-    return params, root
+    # Recorded and sent to the worker as the canonical name, not as typed: the worker resolves
+    # it again, and records, results and model versions show one name for one folder.
+    return dataclasses.replace(params, dataset=canonical_name(data_root, root)), root
 
 
 @bp.post("/train")

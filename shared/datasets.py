@@ -85,6 +85,23 @@ def resolve_labels_file(data_root: Path, labels: str) -> Path:
     return _resolve_inside(data_root, labels, "labels", want_folder=False)
 
 
+def canonical_name(data_root: Path, resolved: Path) -> str:
+    """The name a resolved folder or file is recorded under: relative to the data root.
+
+    ``qa_train/../qa_train``, ``./qa_train/`` and the absolute path all name ``qa_train``, so job
+    records, model versions and ``GET /models`` show one name for one folder, and a worker whose
+    data root is mounted elsewhere still finds it.
+
+    Args:
+        data_root: the configured data root (already resolved).
+        resolved: what ``resolve_dataset`` or ``resolve_labels_file`` returned (inside the root).
+
+    Returns:
+        The POSIX path relative to the data root; ``"."`` for the root itself.
+    """
+    return resolved.relative_to(data_root).as_posix()
+
+
 # How much of a user-supplied value an error message repeats (a name, path, id, field...).
 SHOWN_CHARS = 200
 

@@ -784,3 +784,61 @@ def test_integer_text_fields_still_take_plain_digits_and_range_check_negatives(
 def test_wait_takes_decimal_numbers(client, store, wait):
     job = store.create(JobType.TRAIN, {})
     assert client.get(f"/jobs/{job['job_id']}?wait={wait}").status_code == 200
+
+
+# --------------------------------------------------------------------------- canonical names
+
+
+def _queued_args(redis_client, settings, queue: str, job_id: str) -> list:
+    """The arguments of the broker message of ``job_id`` waiting in ``queue``."""
+    import base64
+    import json
+
+    for raw in redis_client.lrange(f"{settings.key_prefix}.{queue}", 0, -1):
+        message = json.loads(raw)
+        if message["headers"]["id"] == job_id:
+            return json.loads(base64.b64decode(message["body"]))[0]
+    raise AssertionError(f"no message for {job_id} in {queue}")
+
+
+@pytest.mark.parametrize(("typed", "canonical"), [
+    ("held/../held", "held"),
+    ("./held/", "held"),
+    ("held/cat/..", "held"),
+    ("held/cat", "held/cat"),
+    (".", "."),
+    ("held/..", "."),
+    ("ABSOLUTE/held", "held"),
+    ("ABSOLUTE", "."),
+    ("link_to_held", "held"),
+])
+@pytest.mark.parametrize("path", ["/jobs/train", "/jobs/index", "/jobs/evaluate"])
+def test_datasets_are_recorded_and_sent_under_their_canonical_name(
+        client, settings, redis_client, eval_folder, path, typed, canonical):
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    (settings.data_root / "link_to_held").symlink_to("held")
+    typed = typed.replace("ABSOLUTE", str(settings.data_root))
+    response = client.post(path, json={"dataset": typed})
+    assert response.status_code == 202, response.get_data()
+    job = client.get(response.headers["Location"]).get_json()
+    assert job["params"]["dataset"] == canonical
+    queue = "train"  # training, index and evaluation jobs share the train queue
+    args = _queued_args(redis_client, settings, queue, job["job_id"])
+    assert args[1]["dataset"] == canonical
+    # What the worker does with it: the canonical name resolves to the same folder.
+    from shared.datasets import resolve_dataset
+
+    assert resolve_dataset(settings.data_root, canonical) == \
+        resolve_dataset(settings.data_root, typed)
+
+
+def test_evaluation_labels_path_is_recorded_canonical(client, settings, redis_client,
+                                                      eval_folder):
+    (settings.data_root / "held" / "labels.csv").write_text("path,class\ncat/a.png,tabby\n")
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    response = client.post("/jobs/evaluate", json={
+        "dataset": f"{settings.data_root}/held/cat/../",
+        "labels": "./held/cat/../labels.csv", "k": 5})
+    assert response.status_code == 202, response.get_data()
+    job = client.get(response.headers["Location"]).get_json()
+    assert job["params"] == {"dataset": "held", "labels": "held/labels.csv", "k": 5}

@@ -22,6 +22,7 @@ from shared.datasets import (
     Candidate,
     DatasetError,
     Skipped,
+    canonical_name,
     display_name,
     iter_dataset,
     resolve_dataset,
@@ -415,3 +416,18 @@ def test_dataset_errors_quote_the_name_bounded(data_root, kind):
         assert f"\u2026 ({len(name):,} characters)" in info.value.message
     else:
         assert repr(name) in info.value.message
+
+
+@pytest.mark.parametrize(("typed", "canonical"), [
+    ("train_folder", "train_folder"),
+    ("train_folder/cats/../dogs/", "train_folder/dogs"),
+    ("./train_folder//cats", "train_folder/cats"),
+    ("train_folder/..", "."),
+    ("train_folder/cats/loop_to_train_folder", "train_folder"),
+])
+def test_canonical_name_is_relative_to_the_root_and_resolves_to_the_same_folder(
+        data_root, typed, canonical):
+    resolved = resolve_dataset(data_root, typed)
+    assert canonical_name(data_root, resolved) == canonical
+    assert resolve_dataset(data_root, canonical) == resolved  # what a worker does with it
+    assert canonical_name(data_root, resolve_dataset(data_root, str(resolved))) == canonical
