@@ -91,11 +91,13 @@ def create_app(settings: Settings | None = None) -> Flask:
         lifecycle,
         models,
         openapi,
+        query_string,
         web,
     )
 
     errors.register(app)
     auth.register(app, settings.api_keys)
+    query_string.register(app)  # after auth: a request without a key learns nothing more
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(lifecycle.bp)

@@ -842,3 +842,81 @@ def test_evaluation_labels_path_is_recorded_canonical(client, settings, redis_cl
     assert response.status_code == 202, response.get_data()
     job = client.get(response.headers["Location"]).get_json()
     assert job["params"] == {"dataset": "held", "labels": "held/labels.csv", "k": 5}
+
+
+# --------------------------------------------------------------------------- query strings
+
+
+def _concrete(template: str) -> str:
+    return (template.replace("{job_id}", "0" * 32).replace("{image_id}", "0" * 24)
+            .replace("{version}", "v-test"))
+
+
+DOCUMENTED_OPERATIONS = sorted((path, method) for path, ops in build_spec(False)["paths"].items()
+                               for method in ops if path != "/")
+
+
+@pytest.mark.parametrize(("template", "method"), DOCUMENTED_OPERATIONS)
+def test_every_operation_refuses_an_undeclared_query_parameter(client, settings, redis_client,
+                                                               template, method):
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    response = client.request(method.upper(), _concrete(template) + "?zz_undeclared=1")
+    assert response.status_code == 400, response.get_data()
+    error = response.get_json()["error"]
+    assert (error["code"], error["field"]) == ("invalid_parameter", "zz_undeclared")
+    if method in ("post", "delete"):
+        assert "request body" in error["message"]
+    else:
+        assert "accepted:" in error["message"]
+    assert client.get("/jobs").get_json()["jobs"] == []
+    assert ModelRegistry(redis_client, Keys(settings.key_prefix)).active_version() == "v-test"
+
+
+@pytest.mark.parametrize("path", ["/jobs/query?k=3", "/jobs/query?probes=2&exact=true"])
+def test_post_options_in_the_query_string_are_refused_not_ignored(client, settings,
+                                                                  redis_client, path):
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    response = client.post(path, data={"image": (io.BytesIO(_png()), "a.png")})
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["field"] in ("k", "probes")
+    assert error["message"] == (f"{error['field']}: unknown query parameter; POST /jobs/query "
+                                "takes no query parameters: its options go in the request body "
+                                "(JSON or form fields)")
+    assert client.get("/jobs").get_json()["jobs"] == []
+
+
+@pytest.mark.parametrize(("path", "field", "accepted"), [
+    ("/jobs?limt=5", "limt", "cursor, limit, status, type"),
+    (f"/jobs/{'0' * 32}?wiat=5", "wiat", "wait"),
+    (f"/images/{'0' * 24}?sz=64", "sz", "size"),
+    ("/models?active=1", "active", "none"),
+])
+def test_get_names_what_it_accepts(client, path, field, accepted):
+    response = client.get(path)
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["field"] == field and error["message"].endswith(f"accepted: {accepted}")
+    assert client.client.head(path).status_code == 400  # HEAD is GET without the body
+
+
+@pytest.mark.parametrize("path", ["/jobs?limit=1&limit=2", f"/images/{'0' * 24}?size=16&size=32"])
+def test_a_declared_query_parameter_given_twice_is_400(client, path):
+    response = client.get(path)
+    assert response.status_code == 400
+    assert response.get_json()["error"]["message"].endswith("given more than once")
+
+
+def test_declared_parameters_and_the_web_page_still_pass(client, store):
+    job = store.create(JobType.TRAIN, {})
+    assert client.get("/jobs?type=train&status=queued&limit=5&cursor=").status_code == 200
+    assert client.get(f"/jobs/{job['job_id']}?wait=0").status_code == 200
+    response = client.get("/?utm_source=newsletter")  # browsers add these to page links
+    assert response.status_code == 200
+    response.close()
+
+
+def test_a_query_string_without_a_key_is_401_not_400(keyed_app):
+    response = keyed_app.test_client().post("/jobs/query?k=3")
+    assert response.status_code == 401
+
