@@ -443,7 +443,7 @@ def build_spec(auth_required: bool) -> dict[str, Any]:
                            "answer 404 and wrong methods 405 in that form. A query parameter "
                            "an operation does not declare is a 400 (invalid_parameter naming "
                            "it); POST and DELETE operations declare none: their options go in "
-                           "the request body.",
+                           "the request body. OPTIONS on any route answers 204 with Allow.",
         },
         "paths": copy.deepcopy(PATHS),
         "components": {

@@ -920,3 +920,43 @@ def test_a_query_string_without_a_key_is_401_not_400(keyed_app):
     response = keyed_app.test_client().post("/jobs/query?k=3")
     assert response.status_code == 401
 
+
+# --------------------------------------------------------------------------- OPTIONS
+
+
+def _every_routed_path(app) -> list[tuple[str, set[str]]]:
+    out = []
+    for rule in app.url_map.iter_rules():
+        path = (rule.rule.replace("<job_id>", "0" * 32).replace("<image_id>", "0" * 24)
+                .replace("<version>", "v-test").replace("<path:filename>", "app.js"))
+        out.append((path, set(rule.methods)))
+    return out
+
+
+def test_options_is_204_with_allow_and_no_content_type_on_every_route(settings):
+    app = create_app(settings)
+    client = app.test_client()
+    paths = _every_routed_path(app)
+    assert len(paths) > 10
+    for path, methods in paths:
+        response = client.open(path + "?any=thing", method="OPTIONS")
+        assert response.status_code == 204, (path, response.status_code)
+        assert response.get_data() == b"" and "Content-Type" not in response.headers, path
+        allowed = {m.strip() for m in response.headers["Allow"].split(",")}
+        assert methods <= allowed, (path, allowed)
+
+
+def test_options_of_an_unknown_route_is_404_json(client):
+    response = client.client.open("/nope", method="OPTIONS")
+    assert response.status_code == 404 and response.is_json
+
+
+def test_options_needs_a_key_where_the_route_does(keyed_app):
+    client = keyed_app.test_client()
+    refused = client.open("/jobs", method="OPTIONS")
+    assert refused.status_code == 401 and refused.is_json
+    assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    keyed = client.open("/jobs", method="OPTIONS", headers={"Authorization": "Bearer alpha-key"})
+    assert keyed.status_code == 204 and keyed.headers["Allow"] == "GET, HEAD, OPTIONS"
+    for public in ("/healthz", "/readyz", "/", "/static/app.js"):
+        assert client.open(public, method="OPTIONS").status_code == 204, public
