@@ -695,6 +695,8 @@ BOUNDED_CASES = [
     ("GET", f"/images/{_huge()}", dict, HUGE),
     ("DELETE", f"/images/{_huge()}", dict, HUGE),
     ("POST", f"/models/{_huge()}/activate", dict, HUGE),
+    ("POST", f"/jobs/query?{_huge('q')}=1", dict, HUGE),
+    ("GET", f"/jobs?{_huge('q')}=1", dict, HUGE),
 ]
 
 
