@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from celery import Celery
-from flask import Flask, Request, request
+from flask import Flask, Request, Response, request
 
 from shared.jobs import QUERY_QUEUE, QUERY_TASK, TRAIN_QUEUE, TRAIN_TASK, JobStore
 from shared.keys import Keys
@@ -36,6 +36,20 @@ class JsonSafeRequest(Request):
             if silent:
                 return None
             return self.on_json_loading_failed(ValueError("JSON nested too deeply"))
+
+
+class ImgsimFlask(Flask):
+    """Flask whose automatic ``OPTIONS`` answer is 204 with ``Allow`` and no body.
+
+    Flask's own is a 200 with an empty ``text/html`` body, on an API whose every other answer
+    is JSON (or an image). Authentication still applies first, as for every other method.
+    """
+
+    def make_default_options_response(self) -> Response:
+        methods = super().make_default_options_response().allow
+        response = self.response_class(status=204, headers={"Allow": ", ".join(sorted(methods))})
+        del response.headers["Content-Type"]  # no body, so no content type (RFC 9110)
+        return response
 
 
 class Services:
@@ -72,7 +86,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         The WSGI application.
     """
     settings = settings or Settings.from_env()
-    app = Flask(__name__)
+    app = ImgsimFlask(__name__)
     app.request_class = JsonSafeRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD
     app.config["MAX_FORM_MEMORY_SIZE"] = MAX_FORM_MEMORY_BYTES
@@ -91,6 +105,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         lifecycle,
         models,
         openapi,
+        query_string,
         web,
     )
 
@@ -104,6 +119,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     errors.register(app)
     auth.register(app, settings.api_keys)
+    query_string.register(app)  # after auth: a request without a key learns nothing more
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(lifecycle.bp)

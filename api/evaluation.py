@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from flask import Blueprint
 
 from api.errors import ApiError
 from api.jobs import _accepted, _enqueue, parse_dataset_request
 from api.services import services
-from shared.datasets import DatasetError, resolve_labels_file
+from shared.datasets import DatasetError, canonical_name, resolve_labels_file
 from shared.jobs import EVALUATE_TASK, TRAIN_QUEUE, JobType
 from shared.labels import LabelsError, read_labels_csv
 from shared.schema import EvaluateParams
@@ -27,11 +29,15 @@ def create_evaluate_job():
     svc = services()
     if params.labels:
         try:
-            read_labels_csv(resolve_labels_file(svc.settings.data_root, params.labels))
+            labels_file = resolve_labels_file(svc.settings.data_root, params.labels)
+            read_labels_csv(labels_file)
         except DatasetError as exc:
             raise ApiError(400, exc.code, exc.message) from None
         except LabelsError as exc:
             raise ApiError(400, exc.code, exc.message, field="labels") from None
+        # Like the dataset: recorded as its canonical name inside the data root.
+        params = dataclasses.replace(
+            params, labels=canonical_name(svc.settings.data_root, labels_file))
     if svc.registry.active_version() is None:
         raise ApiError(409, "no_active_model",
                        "no model is active yet: train one with POST /jobs/train")

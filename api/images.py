@@ -10,6 +10,7 @@ from flask import Blueprint, request, send_file
 from api.errors import ApiError
 from api.services import services
 from api.thumbnails import parse_size, thumbnail_response
+from shared.datasets import SHOWN_CHARS, display_name
 from shared.images import ImageDecodeError, probe_image
 
 bp = Blueprint("images", __name__, url_prefix="/images")
@@ -30,7 +31,8 @@ def get_image(image_id: str):
     size = parse_size(request.args["size"]) if "size" in request.args else None
     location = svc.registry.image_location(image_id) if IMAGE_ID.match(image_id) else None
     if location is None:
-        raise ApiError(404, "image_not_found", f"no indexed image with id {image_id!r}")
+        raise ApiError(404, "image_not_found", "no indexed image with id "
+                       f"{display_name(image_id, SHOWN_CHARS, quote=True)}")
     root, relpath = location
     path = (Path(root) / relpath).resolve()
     # Indexed files live in the data root, or (uploads added by POST /jobs/index) in the

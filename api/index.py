@@ -10,9 +10,10 @@ from api.errors import ApiError
 from api.jobs import _accepted, _enqueue, check_form_fields, parse_dataset_request
 from api.services import services
 from shared.collection import delete_image
+from shared.datasets import SHOWN_CHARS, display_name
 from shared.images import ImageDecodeError, decode_image
 from shared.jobs import INDEX_TASK, QUERY_QUEUE, SEARCH_TASK, TRAIN_QUEUE, JobType
-from shared.schema import IndexParams
+from shared.schema import IndexParams, decimal_int
 
 bp = Blueprint("index", __name__)
 
@@ -45,19 +46,20 @@ def _read_uploads() -> list[tuple[str, bytes]]:
             raise ApiError(400, "missing_image",
                            f"no file: 'image' part {number} has an empty file name")
         name = upload.filename
+        shown = display_name(name, SHOWN_CHARS)  # the client's file name, bounded in messages
         data = upload.read(svc.settings.max_upload_bytes + 1)
         if len(data) > svc.settings.max_upload_bytes:
             raise ApiError(413, "payload_too_large",
-                           f"{name}: larger than the limit of "
-                           f"{svc.settings.max_upload_bytes:,} bytes", file=name)
+                           f"{shown}: larger than the limit of "
+                           f"{svc.settings.max_upload_bytes:,} bytes", file=shown)
         if not data:
-            raise ApiError(400, "empty_file", f"{name}: the uploaded image is empty (0 bytes)",
-                           file=name)
+            raise ApiError(400, "empty_file", f"{shown}: the uploaded image is empty (0 bytes)",
+                           file=shown)
         try:
             decode_image(data, svc.settings.max_image_pixels, draft_size=256)
         except ImageDecodeError as exc:
-            raise ApiError(exc.http_status, exc.code, f"{name}: {exc.message}",
-                           file=name) from None
+            raise ApiError(exc.http_status, exc.code, f"{shown}: {exc.message}",
+                           file=shown) from None
         out.append((name, data))
     return out
 
@@ -80,10 +82,7 @@ def _int_option(source: dict, name: str, lo: int, hi: int, default: int | None,
     if value is None:
         return None
     if isinstance(value, str) and from_form:  # form fields are text; JSON numbers are numbers
-        try:
-            value = int(value)
-        except ValueError:
-            value = None
+        value = decimal_int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ApiError(400, "invalid_parameter", f"{name} must be an integer between {lo} and "
                        f"{hi}", field=name)
@@ -124,8 +123,9 @@ def create_extended_query_job():
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
         unknown = sorted(set(body) - {"image_id", "k", "probes", "exact"})
         if unknown:
-            raise ApiError(400, "invalid_parameter", f"{unknown[0]}: unknown field; accepted: "
-                           "image_id, k, probes, exact", field=unknown[0])
+            name = display_name(unknown[0], SHOWN_CHARS)
+            raise ApiError(400, "invalid_parameter", f"{name}: unknown field; accepted: "
+                           "image_id, k, probes, exact", field=name)
         image_id = body.get("image_id")
         if not isinstance(image_id, str) or not IMAGE_ID.match(image_id):
             raise ApiError(400, "invalid_parameter",
@@ -182,5 +182,6 @@ def remove_image(image_id: str):
     svc = services()
     removed = delete_image(svc.redis, svc.keys, image_id) if IMAGE_ID.match(image_id) else []
     if not removed:
-        raise ApiError(404, "image_not_found", f"no indexed image with id {image_id!r}")
+        raise ApiError(404, "image_not_found", "no indexed image with id "
+                       f"{display_name(image_id, SHOWN_CHARS, quote=True)}")
     return jsonify({"image_id": image_id, "deleted": True, "versions": removed})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 
@@ -9,7 +10,15 @@ from flask import Blueprint, jsonify, request, url_for
 
 from api.errors import ApiError
 from api.services import services
-from shared.datasets import Candidate, DatasetError, iter_dataset, resolve_dataset
+from shared.datasets import (
+    SHOWN_CHARS,
+    Candidate,
+    DatasetError,
+    canonical_name,
+    display_name,
+    iter_dataset,
+    resolve_dataset,
+)
 from shared.images import ImageDecodeError, decode_image, probe_image, read_file_bytes
 from shared.jobs import (
     FINAL_STATUSES,
@@ -19,7 +28,7 @@ from shared.jobs import (
     TRAIN_TASK,
     JobType,
 )
-from shared.schema import QueryParams, TrainParams, ValidationError
+from shared.schema import QueryParams, TrainParams, ValidationError, decimal_number
 
 bp = Blueprint("jobs", __name__, url_prefix="/jobs")
 
@@ -74,22 +83,25 @@ def _has_readable_image(root) -> bool:
 def check_form_fields(allowed: set[str]) -> None:
     """A multipart request holds ``image`` file parts and the ``allowed`` text fields, each
     once: anything else is a 400 naming it (a typo like ``K=5`` is not silently ignored)."""
-    for name in request.files:
-        if name != "image":
+    for raw_name in request.files:
+        name = display_name(raw_name, SHOWN_CHARS)  # the client's: bounded in the answer
+        if raw_name != "image":
             if "image" not in request.files:  # the usual mistake: the file in another field
+                quoted = display_name(raw_name, SHOWN_CHARS, quote=True)
                 raise ApiError(400, "missing_image", f"no 'image' file part: send the image "
-                               f"in the field 'image', not {name!r}")
+                               f"in the field 'image', not {quoted}")
             raise ApiError(400, "invalid_parameter",
                            f"{name}: unknown file field; send images in 'image'", field=name)
-    for name in request.form:
-        if name == "image":
+    for raw_name in request.form:
+        name = display_name(raw_name, SHOWN_CHARS)
+        if raw_name == "image":
             raise ApiError(400, "missing_image", "'image' was sent as a text field: send the "
                            "image as a file part (multipart/form-data, e.g. curl -F image=@x.jpg)")
-        if name not in allowed:
+        if raw_name not in allowed:
             accepted = ", ".join(sorted(allowed)) or "none"
             raise ApiError(400, "invalid_parameter",
                            f"{name}: unknown field; accepted: {accepted}", field=name)
-        if len(request.form.getlist(name)) > 1:
+        if len(request.form.getlist(raw_name)) > 1:
             raise ApiError(400, "invalid_parameter", f"{name}: given more than once",
                            field=name)
 
@@ -102,7 +114,7 @@ def parse_dataset_request(params_type):
         params_type: TrainParams, EvaluateParams, ... (a ``parse`` classmethod and ``dataset``).
 
     Returns:
-        (params, resolved dataset folder).
+        (params with ``dataset`` as its canonical name inside the data root, resolved folder).
     """
     body = request.get_json(silent=True)
     if body is None:
@@ -111,14 +123,18 @@ def parse_dataset_request(params_type):
         params = params_type.parse(body)
     except ValidationError as exc:
         raise ApiError(400, "invalid_parameter", exc.message, field=exc.field) from None
+    data_root = services().settings.data_root
     try:
-        root = resolve_dataset(services().settings.data_root, params.dataset)
+        root = resolve_dataset(data_root, params.dataset)
     except DatasetError as exc:
         raise ApiError(400, exc.code, exc.message) from None
     if not _has_readable_image(root):
         raise ApiError(400, "no_readable_images",
-                       f"no readable image found in dataset {params.dataset!r}")
-    return params, root
+                       f"no readable image found in dataset "
+                       f"{display_name(params.dataset, SHOWN_CHARS, quote=True)}")
+    # Recorded and sent to the worker as the canonical name, not as typed: the worker resolves
+    # it again, and records, results and model versions show one name for one folder.
+    return dataclasses.replace(params, dataset=canonical_name(data_root, root)), root
 
 
 @bp.post("/train")
@@ -177,12 +193,8 @@ def get_job(job_id: str):
 
     ``?wait=N`` (0..30 seconds) holds the answer until the job ends or N seconds pass.
     """
-    raw_wait = request.args.get("wait", "0")
-    try:
-        wait = float(raw_wait)
-    except ValueError:
-        wait = -1.0
-    if not 0 <= wait <= MAX_WAIT_S:  # also refuses nan
+    wait = decimal_number(request.args.get("wait", "0"))
+    if wait is None or not 0 <= wait <= MAX_WAIT_S:
         raise ApiError(400, "invalid_parameter",
                        f"wait must be a number of seconds between 0 and {MAX_WAIT_S}",
                        field="wait")
@@ -201,7 +213,8 @@ def get_job(job_id: str):
         declined = wait > 0
         job = svc.jobs.get(job_id)
     if job is None:
-        raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+        raise ApiError(404, "job_not_found",
+                       f"no job with id {display_name(job_id, SHOWN_CHARS, quote=True)}")
     response = jsonify(job)
     if declined and job["status"] not in FINAL_STATUSES:
         response.headers["Retry-After"] = "1"

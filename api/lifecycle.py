@@ -8,7 +8,9 @@ from flask import Blueprint, jsonify, request
 
 from api.errors import ApiError
 from api.services import services
+from shared.datasets import SHOWN_CHARS, display_name
 from shared.jobs import CursorError, JobStatus, JobType
+from shared.schema import decimal_int
 
 bp = Blueprint("lifecycle", __name__, url_prefix="/jobs")
 
@@ -22,11 +24,8 @@ MAX_LIMIT = 100
 def _limit(raw: str | None) -> int:
     if raw is None:
         return DEFAULT_LIMIT
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_LIMIT:
+    value = decimal_int(raw)
+    if value is None or not 1 <= value <= MAX_LIMIT:
         raise ApiError(400, "invalid_parameter",
                        f"limit must be an integer between 1 and {MAX_LIMIT}", field="limit")
     return value
@@ -59,7 +58,8 @@ def cancel_job(job_id: str):
     svc = services()
     outcome = svc.jobs.request_cancel(job_id) if JOB_ID.match(job_id) else "missing"
     if outcome == "missing":
-        raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+        raise ApiError(404, "job_not_found",
+                       f"no job with id {display_name(job_id, SHOWN_CHARS, quote=True)}")
     job = svc.jobs.get(job_id)
     if outcome == "finished" or job is None:
         status = job["status"] if job else "expired"

@@ -9,6 +9,7 @@ from flask import Blueprint, jsonify
 
 from api.errors import ApiError
 from api.services import services
+from shared.datasets import SHOWN_CHARS, display_name
 from shared.jobs import GC_VERSIONS_TASK, TRAIN_QUEUE
 from shared.registry import IncompleteVersion, UnknownVersion
 
@@ -31,12 +32,13 @@ def list_models():
 def activate_model(version: str):
     """Make a complete registered version the active one (rollback); one atomic switch."""
     svc = services()
+    quoted = display_name(version, SHOWN_CHARS, quote=True)  # bounded: the URL is the client's
     if not VERSION_ID.match(version):
-        raise ApiError(404, "model_not_found", f"no model version {version!r}")
+        raise ApiError(404, "model_not_found", f"no model version {quoted}")
     try:
         previous = svc.registry.activate_checked(version, svc.settings.artifacts_dir)
     except UnknownVersion:
-        raise ApiError(404, "model_not_found", f"no model version {version!r}") from None
+        raise ApiError(404, "model_not_found", f"no model version {quoted}") from None
     except IncompleteVersion as exc:
         raise ApiError(409, "model_incomplete", str(exc), missing=exc.missing) from None
     if previous and previous != version:

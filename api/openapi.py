@@ -238,7 +238,9 @@ SCHEMAS: dict[str, Any] = {
 RESPONSES: dict[str, Any] = {
     name: _json(_ref("Error"), text)
     for name, text in {
-        "BadRequest": "invalid input: the error code and field name the problem",
+        "BadRequest": "invalid input: the error code and field name the problem; a query "
+                      "parameter the operation does not declare is one (POST and DELETE "
+                      "operations declare none: their options go in the body)",
         "Unauthorized": "missing or invalid 'Authorization: Bearer <key>' (when keys are set)",
         "NotFound": "no such resource",
         "Conflict": "the request conflicts with the current state",
@@ -265,7 +267,8 @@ PATHS: dict[str, Any] = {
     "/healthz": {"get": {
         "operationId": "healthz", "summary": "Liveness: the process answers",
         "security": [],
-        "responses": {"200": _json(_ref("Health"), "up"), "500": _error("ServerError")},
+        "responses": {"200": _json(_ref("Health"), "up"), "400": _error("BadRequest"),
+                      "500": _error("ServerError")},
     }},
     "/readyz": {"get": {
         "operationId": "readyz",
@@ -273,11 +276,12 @@ PATHS: dict[str, Any] = {
         "security": [],
         "responses": {"200": _json(_ref("Ready"), "ready"),
                       "503": _json(_ref("Ready"), "not ready; checks say why"),
-                      "500": _error("ServerError")},
+                      "400": _error("BadRequest"), "500": _error("ServerError")},
     }},
     "/openapi.json": {"get": {
         "operationId": "openapi", "summary": "This document",
-        "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document"), **_COMMON},
+        "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document"),
+                      "400": _error("BadRequest"), **_COMMON},
     }},
     "/jobs/train": {"post": {
         "operationId": "createTrainJob",
@@ -319,7 +323,8 @@ PATHS: dict[str, Any] = {
     }},
     "/models": {"get": {
         "operationId": "listModels", "summary": "Every model version, newest first",
-        "responses": {"200": _json(_ref("ModelList"), "the versions"), **_COMMON},
+        "responses": {"200": _json(_ref("ModelList"), "the versions"),
+                      "400": _error("BadRequest"), **_COMMON},
     }},
     "/models/{version}/activate": {"post": {
         "operationId": "activateModel",
@@ -327,7 +332,8 @@ PATHS: dict[str, Any] = {
         "parameters": [{"name": "version", "in": "path", "required": True,
                         "schema": {"type": "string"}}],
         "responses": {"200": _json(_ref("Activated"), "switched"),
-                      "404": _error("NotFound"), "409": _error("Conflict"), **_COMMON},
+                      "400": _error("BadRequest"), "404": _error("NotFound"),
+                      "409": _error("Conflict"), **_COMMON},
     }},
     "/": {"get": {
         "operationId": "webPage", "summary": "The web page (static HTML)",
@@ -373,6 +379,7 @@ PATHS: dict[str, Any] = {
         "parameters": [_JOB_ID_PARAM],
         "responses": {
             "202": _json(_ref("Job"), "canceled (was queued) or cancel requested (running)"),
+            "400": _error("BadRequest"),
             "404": _error("NotFound"),
             "409": _error("Conflict"),
             **_COMMON,
@@ -399,10 +406,21 @@ PATHS: dict[str, Any] = {
         "operationId": "deleteImage", "summary": "Remove an image from every version holding it",
         "parameters": [{"name": "image_id", "in": "path", "required": True,
                         "schema": {"type": "string"}}],
-        "responses": {"200": _json(_ref("Deleted"), "deleted"), "404": _error("NotFound"),
-                      **_COMMON},
+        "responses": {"200": _json(_ref("Deleted"), "deleted"), "400": _error("BadRequest"),
+                      "404": _error("NotFound"), **_COMMON},
     }},
 }
+
+
+def query_parameters() -> dict[tuple[str, str], frozenset[str]]:
+    """The query parameters each documented operation declares, the API's one list of them.
+
+    Returns:
+        (path template as in ``PATHS``, lower-case method) -> parameter names (often none).
+    """
+    return {(path, method): frozenset(p["name"] for p in op.get("parameters", [])
+                                      if p.get("in") == "query")
+            for path, operations in PATHS.items() for method, op in operations.items()}
 
 
 def build_spec(auth_required: bool) -> dict[str, Any]:
@@ -422,7 +440,10 @@ def build_spec(auth_required: bool) -> dict[str, Any]:
             "description": "Asynchronous image-similarity search. Job-creating endpoints answer "
                            "202 with a job id; poll or long-poll GET /jobs/{job_id}. Every "
                            "error is JSON {\"error\": {\"code\", \"message\"}}; unknown routes "
-                           "answer 404 and wrong methods 405 in that form.",
+                           "answer 404 and wrong methods 405 in that form. A query parameter "
+                           "an operation does not declare is a 400 (invalid_parameter naming "
+                           "it); POST and DELETE operations declare none: their options go in "
+                           "the request body. OPTIONS on any route answers 204 with Allow.",
         },
         "paths": copy.deepcopy(PATHS),
         "components": {

@@ -12,6 +12,7 @@ from flask import Response, request
 
 from api.errors import ApiError
 from shared.images import ImageDecodeError, decode_image, read_file_bytes
+from shared.schema import decimal_int
 
 MIN_SIZE = 16
 MAX_SIZE = 1024
@@ -55,11 +56,8 @@ CACHE = ThumbnailCache(CACHE_BYTES)
 
 def parse_size(raw: str) -> int:
     """Validate ``?size=``: an integer side in pixels between MIN_SIZE and MAX_SIZE."""
-    try:
-        size = int(raw)
-    except ValueError:
-        size = 0
-    if not MIN_SIZE <= size <= MAX_SIZE:
+    size = decimal_int(raw)
+    if size is None or not MIN_SIZE <= size <= MAX_SIZE:
         raise ApiError(400, "invalid_parameter",
                        f"size must be an integer between {MIN_SIZE} and {MAX_SIZE}", field="size")
     return size

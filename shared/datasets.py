@@ -26,6 +26,8 @@ def _resolve_inside(data_root: Path, raw: str, field: str, want_folder: bool) ->
     if "\x00" in raw:
         raise DatasetError(f"invalid_{field}", f"'{field}' contains a NUL byte")
     noun, kind = ("folder", "folder") if want_folder else ("file", "regular file")
+    # Messages quote what was sent, bounded: a 600 KB name is not repeated in the answer.
+    quoted = display_name(raw, SHOWN_CHARS, quote=True)
     candidate = Path(raw)
     if not candidate.is_absolute():
         candidate = data_root / candidate
@@ -34,7 +36,7 @@ def _resolve_inside(data_root: Path, raw: str, field: str, want_folder: bool) ->
     except (OSError, RuntimeError) as exc:  # symlink loop (RuntimeError on 3.11), name too long
         reason = getattr(exc, "strerror", None) or "symlink loop"
         raise DatasetError(
-            f"invalid_{field}", f"{field} path cannot be resolved ({reason}): {raw!r}"
+            f"invalid_{field}", f"{field} path cannot be resolved ({reason}): {quoted}"
         ) from None
     if resolved != data_root and data_root not in resolved.parents:
         raise DatasetError(
@@ -44,9 +46,9 @@ def _resolve_inside(data_root: Path, raw: str, field: str, want_folder: bool) ->
     try:
         mode = resolved.stat().st_mode
     except OSError:
-        raise DatasetError(f"{field}_not_found", f"{field} {noun} not found: {raw!r}") from None
+        raise DatasetError(f"{field}_not_found", f"{field} {noun} not found: {quoted}") from None
     if not (stat.S_ISDIR(mode) if want_folder else stat.S_ISREG(mode)):
-        raise DatasetError(f"{field}_not_a_{noun}", f"{field} is not a {kind}: {raw!r}")
+        raise DatasetError(f"{field}_not_a_{noun}", f"{field} is not a {kind}: {quoted}")
     return resolved
 
 
@@ -83,9 +85,51 @@ def resolve_labels_file(data_root: Path, labels: str) -> Path:
     return _resolve_inside(data_root, labels, "labels", want_folder=False)
 
 
-def display_name(name: str) -> str:
-    """A printable, JSON-safe form of a file name whose bytes may not be valid UTF-8."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
+def canonical_name(data_root: Path, resolved: Path) -> str:
+    """The name a resolved folder or file is recorded under: relative to the data root.
+
+    ``qa_train/../qa_train``, ``./qa_train/`` and the absolute path all name ``qa_train``, so job
+    records, model versions and ``GET /models`` show one name for one folder, and a worker whose
+    data root is mounted elsewhere still finds it.
+
+    Args:
+        data_root: the configured data root (already resolved).
+        resolved: what ``resolve_dataset`` or ``resolve_labels_file`` returned (inside the root).
+
+    Returns:
+        The POSIX path relative to the data root; ``"."`` for the root itself.
+    """
+    return resolved.relative_to(data_root).as_posix()
+
+
+# How much of a user-supplied value an error message repeats (a name, path, id, field...).
+SHOWN_CHARS = 200
+
+
+def display_name(name: str, limit: int | None = None, quote: bool = False) -> str:
+    """A printable, JSON-safe form of a name whose bytes may not be valid UTF-8, optionally
+    bounded for an error message.
+
+    Args:
+        name: a file name, path, field name, id... as received or read from the disk.
+        limit: keep the first ``limit`` characters, then an ellipsis and the total length, so
+            a message never repeats a huge input in full; None keeps it whole.
+        quote: quote it as ``repr`` does (the form messages use); the length stays outside.
+
+    Returns:
+        The display form.
+    """
+    cut = name if limit is None or len(name) <= limit else name[:limit]
+    if quote:
+        out = repr(cut)  # escapes what is not printable, lone surrogates included
+    else:
+        try:
+            out = os.fsencode(cut).decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a lone surrogate from JSON ("\\ud800"), not from a disk
+            out = cut.encode("utf-8", "backslashreplace").decode("utf-8")
+    if cut is not name:
+        out += f"\u2026 ({len(name):,} characters)"
+    return out
 
 
 @dataclass(frozen=True)

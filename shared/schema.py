@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from shared.datasets import SHOWN_CHARS, display_name
 
 
 class ValidationError(ValueError):
@@ -15,6 +18,44 @@ class ValidationError(ValueError):
         self.message = message
 
 
+# Form fields and query parameters are text. Python's int() and float() also take surrounding
+# spaces, underscores ("1_0") and non-ASCII digits (Arabic-Indic five), float() "inf" and "nan": a
+# request carrying those is a typo or a probe, not what a client meant: only ASCII decimals pass.
+_DECIMAL_INT = re.compile(r"-?[0-9]+")
+_DECIMAL_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def decimal_int(text: Any) -> int | None:
+    """An integer written in ASCII decimal digits, with an optional leading minus.
+
+    Args:
+        text: a form field or query parameter.
+
+    Returns:
+        The integer, or None for anything else (spaces, ``1_0``, non-ASCII digits, ``1.0``).
+    """
+    if not isinstance(text, str) or not _DECIMAL_INT.fullmatch(text):
+        return None
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        return None
+
+
+def decimal_number(text: Any) -> float | None:
+    """A number written in ASCII decimal (``5``, ``0.5``, ``.5``, ``1e-3``), optionally negative.
+
+    Args:
+        text: a query parameter.
+
+    Returns:
+        The float, or None for anything else (spaces, ``inf``, ``nan``, non-ASCII digits).
+    """
+    if not isinstance(text, str) or not _DECIMAL_NUMBER.fullmatch(text):
+        return None
+    return float(text)
+
+
 def _int_field(data: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
     value = data.get(name, default)
     if value is None and default is None:  # only optional-without-default fields take null
@@ -22,7 +63,8 @@ def _int_field(data: dict, name: str, default: int | None, lo: int, hi: int) -> 
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(name, f"must be an integer between {lo} and {hi}")
     if not lo <= value <= hi:
-        raise ValidationError(name, f"must be between {lo} and {hi}, got {value}")
+        raise ValidationError(name, f"must be between {lo} and {hi}, got "
+                                    f"{display_name(str(value), SHOWN_CHARS)}")
     return value
 
 
@@ -47,7 +89,9 @@ def _known_fields_and_dataset(cls: type, data: Any, what: str) -> str:
     unknown = sorted(set(data) - known)
     if unknown:
         accepted = ", ".join(sorted(known))
-        raise ValidationError(unknown[0], f"unknown field; accepted: {accepted}")
+        # The name is the client's: bounded, as every quoted input is.
+        raise ValidationError(display_name(unknown[0], SHOWN_CHARS),
+                              f"unknown field; accepted: {accepted}")
     dataset = data.get("dataset")
     if not isinstance(dataset, str) or not dataset.strip():
         raise ValidationError("dataset", f"required: {what}")
@@ -129,13 +173,12 @@ class QueryParams:
 
     @classmethod
     def parse(cls, form: dict[str, str]) -> QueryParams:
-        raw = form.get("k", "10")
-        try:
-            k = int(raw)
-        except (TypeError, ValueError):
-            raise ValidationError("k", "must be an integer between 1 and 100") from None
+        k = decimal_int(form.get("k", "10"))
+        if k is None:
+            raise ValidationError("k", "must be an integer between 1 and 100")
         if not 1 <= k <= 100:
-            raise ValidationError("k", f"must be between 1 and 100, got {k}")
+            raise ValidationError("k", f"must be between 1 and 100, got "
+                                       f"{display_name(str(k), SHOWN_CHARS)}")
         return cls(k=k)
 
 

@@ -7,6 +7,7 @@ import io
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 import pytest
@@ -655,3 +656,309 @@ def test_json_query_options_must_be_json_numbers_and_booleans(client, settings, 
     response = client.post("/jobs/query", json={"image_id": "a" * 24, **body})
     assert response.status_code == 400
     assert response.get_json()["error"]["field"] == next(iter(body))
+
+
+# --------------------------------------------------------------------------- bounded echoes
+
+HUGE = 600_000
+# Werkzeug refuses multipart part headers much longer than this (413), before any handler.
+HUGE_PART = 100_000
+
+
+def _huge(char: str = "a", size: int = HUGE) -> str:
+    return char * size
+
+
+def _png_part(name: str = "a.png"):
+    return (io.BytesIO(_png()), name)
+
+
+# (method, path, request arguments, length of the long value the answer must quote bounded)
+BOUNDED_CASES = [
+    ("POST", "/jobs/train", lambda: {"json": {"dataset": _huge()}}, HUGE),
+    ("POST", "/jobs/train", lambda: {"json": {"dataset": "held", _huge("x"): 1}}, HUGE),
+    ("POST", "/jobs/index", lambda: {"json": {"dataset": _huge()}}, HUGE),
+    ("POST", "/jobs/evaluate", lambda: {"json": {"dataset": _huge()}}, HUGE),
+    ("POST", "/jobs/evaluate", lambda: {"json": {"dataset": "held", "labels": _huge()}}, HUGE),
+    ("POST", "/jobs/query", lambda: {"json": {"image_id": "a" * 24, _huge("x"): 1}}, HUGE),
+    ("POST", "/jobs/query", lambda: {"data": {"image": _png_part(),
+                                              _huge("x", HUGE_PART): "5"}}, HUGE_PART),
+    ("POST", "/jobs/query", lambda: {"data": {_huge("x", HUGE_PART): _png_part()}}, HUGE_PART),
+    ("POST", "/jobs/query", lambda: {"data": {"image": _png_part(),
+                                              _huge("x", HUGE_PART): _png_part()}}, HUGE_PART),
+    ("POST", "/jobs/index", lambda: {"data": {"image": (io.BytesIO(b""), _huge("n", HUGE_PART))}},
+     HUGE_PART),
+    ("POST", "/jobs/index", lambda: {"data": {"image": (io.BytesIO(b"not an image"),
+                                                        _huge("n", HUGE_PART))}}, HUGE_PART),
+    ("GET", f"/jobs/{_huge()}", dict, HUGE),
+    ("POST", f"/jobs/{_huge()}/cancel", dict, HUGE),
+    ("GET", f"/images/{_huge()}", dict, HUGE),
+    ("DELETE", f"/images/{_huge()}", dict, HUGE),
+    ("POST", f"/models/{_huge()}/activate", dict, HUGE),
+    ("POST", f"/jobs/query?{_huge('q')}=1", dict, HUGE),
+    ("GET", f"/jobs?{_huge('q')}=1", dict, HUGE),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "make_kwargs", "size"), BOUNDED_CASES,
+                         ids=[f"{m}-{p[:20]}-{i}" for i, (m, p, *_) in enumerate(BOUNDED_CASES)])
+def test_error_messages_quote_user_input_bounded(roomy, settings, redis_client, eval_folder,
+                                                 method, path, make_kwargs, size):
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    response = roomy.request(method, path, **make_kwargs())
+    assert 400 <= response.status_code < 500, response.get_data()[:300]
+    assert len(response.get_data()) < 2000, response.get_data()[:300]
+    error = response.get_json()["error"]
+    # The first characters and the total length are kept, in the message or the field named;
+    # the rest is not repeated.
+    bounded = f"\u2026 ({size:,} characters)"
+    quoted = [error[key] for key in ("message", "field", "file") if key in error]
+    assert any(bounded in text for text in quoted), error
+    assert all(len(text) < 1000 for text in quoted), error
+
+
+def test_an_out_of_range_json_integer_is_quoted_bounded(client, eval_folder):
+    response = client.post("/jobs/train", json={"dataset": "held", "epochs": 10 ** 4000})
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["field"] == "epochs" and "(4,001 characters)" in error["message"]
+    assert len(response.get_data()) < 2000
+
+
+# --------------------------------------------------------------------------- strict integers
+
+NOT_ASCII_DECIMAL = ["\u0665", "\uff15", " 5 ", "5 ", "1_0", "+5", "5\n", "0x10", "1.0", "5e0",
+                     ""]
+
+
+def _integer_request(client, settings, redis_client, store, where: str, value: str):
+    """Send ``value`` in the integer field ``where``; returns (response, field name)."""
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    if where == "query k":
+        return client.post("/jobs/query", data={"image": (io.BytesIO(_png()), "a.png"),
+                                                "k": value}), "k"
+    if where == "batch k":
+        return client.post("/jobs/query", data={"image": [(io.BytesIO(_png()), "a.png"),
+                                                          (io.BytesIO(_png()), "b.png")],
+                                                "k": value}), "k"
+    if where == "probes":
+        return client.post("/jobs/query", data={"image": (io.BytesIO(_png()), "a.png"),
+                                                "probes": value}), "probes"
+    query = urlencode({where: value})
+    if where == "limit":
+        return client.get(f"/jobs?{query}"), "limit"
+    if where == "size":
+        return client.get(f"/images/{'0' * 24}?{query}"), "size"
+    job = store.create(JobType.TRAIN, {})
+    return client.get(f"/jobs/{job['job_id']}?{query}"), "wait"
+
+
+INTEGER_FIELDS = ["query k", "batch k", "probes", "limit", "size", "wait"]
+
+
+@pytest.mark.parametrize("value", NOT_ASCII_DECIMAL)
+@pytest.mark.parametrize("where", INTEGER_FIELDS)
+def test_integer_text_fields_take_ascii_decimal_digits_only(client, settings, redis_client,
+                                                             store, where, value):
+    if where == "wait" and value in ("1.0", "5e0"):
+        pytest.skip("wait is a number of seconds: decimals and exponents are numbers")
+    response, field = _integer_request(client, settings, redis_client, store, where, value)
+    assert response.status_code == 400, (where, value, response.get_data())
+    error = response.get_json()["error"]
+    assert (error["code"], error["field"]) == ("invalid_parameter", field)
+    assert client.get("/jobs?type=query").get_json()["jobs"] == []
+
+
+@pytest.mark.parametrize("where", INTEGER_FIELDS)
+def test_integer_text_fields_still_take_plain_digits_and_range_check_negatives(
+        client, settings, redis_client, store, where):
+    plain = "0" if where == "wait" else "16"  # a wait of 16 s would hold the test that long
+    response, _ = _integer_request(client, settings, redis_client, store, where, plain)
+    assert response.status_code in (200, 202, 404), response.get_data()  # 404: no such image
+    response, field = _integer_request(client, settings, redis_client, store, where, "-1")
+    assert response.status_code == 400
+    assert response.get_json()["error"]["field"] == field
+    if where == "query k":
+        assert response.get_json()["error"]["message"] == "must be between 1 and 100, got -1"
+
+
+@pytest.mark.parametrize("wait", ["0.5", ".5", "1e-1", "0"])
+def test_wait_takes_decimal_numbers(client, store, wait):
+    job = store.create(JobType.TRAIN, {})
+    assert client.get(f"/jobs/{job['job_id']}?wait={wait}").status_code == 200
+
+
+# --------------------------------------------------------------------------- canonical names
+
+
+def _queued_args(redis_client, settings, queue: str, job_id: str) -> list:
+    """The arguments of the broker message of ``job_id`` waiting in ``queue``."""
+    import base64
+    import json
+
+    for raw in redis_client.lrange(f"{settings.key_prefix}.{queue}", 0, -1):
+        message = json.loads(raw)
+        if message["headers"]["id"] == job_id:
+            return json.loads(base64.b64decode(message["body"]))[0]
+    raise AssertionError(f"no message for {job_id} in {queue}")
+
+
+@pytest.mark.parametrize(("typed", "canonical"), [
+    ("held/../held", "held"),
+    ("./held/", "held"),
+    ("held/cat/..", "held"),
+    ("held/cat", "held/cat"),
+    (".", "."),
+    ("held/..", "."),
+    ("ABSOLUTE/held", "held"),
+    ("ABSOLUTE", "."),
+    ("link_to_held", "held"),
+])
+@pytest.mark.parametrize("path", ["/jobs/train", "/jobs/index", "/jobs/evaluate"])
+def test_datasets_are_recorded_and_sent_under_their_canonical_name(
+        client, settings, redis_client, eval_folder, path, typed, canonical):
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    (settings.data_root / "link_to_held").symlink_to("held")
+    typed = typed.replace("ABSOLUTE", str(settings.data_root))
+    response = client.post(path, json={"dataset": typed})
+    assert response.status_code == 202, response.get_data()
+    job = client.get(response.headers["Location"]).get_json()
+    assert job["params"]["dataset"] == canonical
+    queue = "train"  # training, index and evaluation jobs share the train queue
+    args = _queued_args(redis_client, settings, queue, job["job_id"])
+    assert args[1]["dataset"] == canonical
+    # What the worker does with it: the canonical name resolves to the same folder.
+    from shared.datasets import resolve_dataset
+
+    assert resolve_dataset(settings.data_root, canonical) == \
+        resolve_dataset(settings.data_root, typed)
+
+
+def test_evaluation_labels_path_is_recorded_canonical(client, settings, redis_client,
+                                                      eval_folder):
+    (settings.data_root / "held" / "labels.csv").write_text("path,class\ncat/a.png,tabby\n")
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    response = client.post("/jobs/evaluate", json={
+        "dataset": f"{settings.data_root}/held/cat/../",
+        "labels": "./held/cat/../labels.csv", "k": 5})
+    assert response.status_code == 202, response.get_data()
+    job = client.get(response.headers["Location"]).get_json()
+    assert job["params"] == {"dataset": "held", "labels": "held/labels.csv", "k": 5}
+
+
+# --------------------------------------------------------------------------- query strings
+
+
+def _concrete(template: str) -> str:
+    return (template.replace("{job_id}", "0" * 32).replace("{image_id}", "0" * 24)
+            .replace("{version}", "v-test"))
+
+
+DOCUMENTED_OPERATIONS = sorted((path, method) for path, ops in build_spec(False)["paths"].items()
+                               for method in ops if path != "/")
+
+
+@pytest.mark.parametrize(("template", "method"), DOCUMENTED_OPERATIONS)
+def test_every_operation_refuses_an_undeclared_query_parameter(client, settings, redis_client,
+                                                               template, method):
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    response = client.request(method.upper(), _concrete(template) + "?zz_undeclared=1")
+    assert response.status_code == 400, response.get_data()
+    error = response.get_json()["error"]
+    assert (error["code"], error["field"]) == ("invalid_parameter", "zz_undeclared")
+    if method in ("post", "delete"):
+        assert "request body" in error["message"]
+    else:
+        assert "accepted:" in error["message"]
+    assert client.get("/jobs").get_json()["jobs"] == []
+    assert ModelRegistry(redis_client, Keys(settings.key_prefix)).active_version() == "v-test"
+
+
+@pytest.mark.parametrize("path", ["/jobs/query?k=3", "/jobs/query?probes=2&exact=true"])
+def test_post_options_in_the_query_string_are_refused_not_ignored(client, settings,
+                                                                  redis_client, path):
+    ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
+    response = client.post(path, data={"image": (io.BytesIO(_png()), "a.png")})
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["field"] in ("k", "probes")
+    assert error["message"] == (f"{error['field']}: unknown query parameter; POST /jobs/query "
+                                "takes no query parameters: its options go in the request body "
+                                "(JSON or form fields)")
+    assert client.get("/jobs").get_json()["jobs"] == []
+
+
+@pytest.mark.parametrize(("path", "field", "accepted"), [
+    ("/jobs?limt=5", "limt", "cursor, limit, status, type"),
+    (f"/jobs/{'0' * 32}?wiat=5", "wiat", "wait"),
+    (f"/images/{'0' * 24}?sz=64", "sz", "size"),
+    ("/models?active=1", "active", "none"),
+])
+def test_get_names_what_it_accepts(client, path, field, accepted):
+    response = client.get(path)
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error["field"] == field and error["message"].endswith(f"accepted: {accepted}")
+    assert client.client.head(path).status_code == 400  # HEAD is GET without the body
+
+
+@pytest.mark.parametrize("path", ["/jobs?limit=1&limit=2", f"/images/{'0' * 24}?size=16&size=32"])
+def test_a_declared_query_parameter_given_twice_is_400(client, path):
+    response = client.get(path)
+    assert response.status_code == 400
+    assert response.get_json()["error"]["message"].endswith("given more than once")
+
+
+def test_declared_parameters_and_the_web_page_still_pass(client, store):
+    job = store.create(JobType.TRAIN, {})
+    assert client.get("/jobs?type=train&status=queued&limit=5&cursor=").status_code == 200
+    assert client.get(f"/jobs/{job['job_id']}?wait=0").status_code == 200
+    response = client.get("/?utm_source=newsletter")  # browsers add these to page links
+    assert response.status_code == 200
+    response.close()
+
+
+def test_a_query_string_without_a_key_is_401_not_400(keyed_app):
+    response = keyed_app.test_client().post("/jobs/query?k=3")
+    assert response.status_code == 401
+
+
+# --------------------------------------------------------------------------- OPTIONS
+
+
+def _every_routed_path(app) -> list[tuple[str, set[str]]]:
+    out = []
+    for rule in app.url_map.iter_rules():
+        path = (rule.rule.replace("<job_id>", "0" * 32).replace("<image_id>", "0" * 24)
+                .replace("<version>", "v-test").replace("<path:filename>", "app.js"))
+        out.append((path, set(rule.methods)))
+    return out
+
+
+def test_options_is_204_with_allow_and_no_content_type_on_every_route(settings):
+    app = create_app(settings)
+    client = app.test_client()
+    paths = _every_routed_path(app)
+    assert len(paths) > 10
+    for path, methods in paths:
+        response = client.open(path + "?any=thing", method="OPTIONS")
+        assert response.status_code == 204, (path, response.status_code)
+        assert response.get_data() == b"" and "Content-Type" not in response.headers, path
+        allowed = {m.strip() for m in response.headers["Allow"].split(",")}
+        assert methods <= allowed, (path, allowed)
+
+
+def test_options_of_an_unknown_route_is_404_json(client):
+    response = client.client.open("/nope", method="OPTIONS")
+    assert response.status_code == 404 and response.is_json
+
+
+def test_options_needs_a_key_where_the_route_does(keyed_app):
+    client = keyed_app.test_client()
+    refused = client.open("/jobs", method="OPTIONS")
+    assert refused.status_code == 401 and refused.is_json
+    assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+    keyed = client.open("/jobs", method="OPTIONS", headers={"Authorization": "Bearer alpha-key"})
+    assert keyed.status_code == 204 and keyed.headers["Allow"] == "GET, HEAD, OPTIONS"
+    for public in ("/healthz", "/readyz", "/", "/static/app.js"):
+        assert client.open(public, method="OPTIONS").status_code == 204, public

@@ -22,6 +22,7 @@ from shared.datasets import (
     Candidate,
     DatasetError,
     Skipped,
+    canonical_name,
     display_name,
     iter_dataset,
     resolve_dataset,
@@ -388,3 +389,45 @@ def test_resolved_dataset_scans_the_same(data_root):
     root = resolve_dataset(data_root, "train_folder")
     assert stat.S_ISDIR(root.stat().st_mode)
     assert _candidates(_scan(root))
+
+
+# --------------------------------------------------------------------------- display_name
+
+
+def test_display_name_bounds_and_quotes_what_it_is_given():
+    assert display_name("a" * 300, 10) == "a" * 10 + "\u2026 (300 characters)"
+    assert display_name("a" * 300, 10, quote=True) == repr("a" * 10) + "\u2026 (300 characters)"
+    assert display_name("short", 10, quote=True) == "'short'"
+    assert display_name("x" * 5000) == "x" * 5000  # no limit: file names in scan reports
+    # Undecodable bytes from the disk and lone surrogates from JSON stay printable, JSON-safe.
+    assert display_name("caf\udce9") == "caf\\xe9"
+    assert display_name("a\ud800", 10) == "a\\ud800"
+    json.dumps(display_name("a\ud800" * 300, 100, quote=True), ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("kind", ["not-found", "not-a-folder", "too-long"])
+def test_dataset_errors_quote_the_name_bounded(data_root, kind):
+    name = {"not-found": "n" * 100_000, "not-a-folder": "train_folder/cats/cat_01.jpg",
+            "too-long": "x/" * 50_000}[kind]
+    with pytest.raises(DatasetError) as info:
+        resolve_dataset(data_root, name)
+    assert len(info.value.message) < 400
+    if len(name) > 200:
+        assert f"\u2026 ({len(name):,} characters)" in info.value.message
+    else:
+        assert repr(name) in info.value.message
+
+
+@pytest.mark.parametrize(("typed", "canonical"), [
+    ("train_folder", "train_folder"),
+    ("train_folder/cats/../dogs/", "train_folder/dogs"),
+    ("./train_folder//cats", "train_folder/cats"),
+    ("train_folder/..", "."),
+    ("train_folder/cats/loop_to_train_folder", "train_folder"),
+])
+def test_canonical_name_is_relative_to_the_root_and_resolves_to_the_same_folder(
+        data_root, typed, canonical):
+    resolved = resolve_dataset(data_root, typed)
+    assert canonical_name(data_root, resolved) == canonical
+    assert resolve_dataset(data_root, canonical) == resolved  # what a worker does with it
+    assert canonical_name(data_root, resolve_dataset(data_root, str(resolved))) == canonical

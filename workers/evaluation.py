@@ -18,7 +18,13 @@ import numpy as np
 import redis
 import torch
 
-from shared.datasets import DatasetError, resolve_dataset, resolve_labels_file
+from shared.datasets import (
+    SHOWN_CHARS,
+    DatasetError,
+    display_name,
+    resolve_dataset,
+    resolve_labels_file,
+)
 from shared.images import ImageDecodeError, load_for_model, read_file_bytes
 from shared.jobs import now_iso
 from shared.keys import Keys
@@ -264,7 +270,8 @@ def run_evaluation(settings: Settings, client: redis.Redis, cache: ActiveModelCa
     kept = [(i, label) for i, label in labelled if label]
     if not kept:
         raise JobError("no_labelled_images",
-                       f"no image in {params.dataset!r} has a class: put them in one folder per "
+                       f"no image in {display_name(params.dataset, SHOWN_CHARS, quote=True)} "
+                       "has a class: put them in one folder per "
                        "class, or name a labels CSV (path,class)")
     query_rows = np.asarray([i for i, _ in kept], dtype=np.int64)
     query_labels = [label for _, label in kept]

@@ -10,7 +10,7 @@ import redis
 import torch
 
 from shared.collection import delete_namespace
-from shared.datasets import DatasetError, resolve_dataset
+from shared.datasets import SHOWN_CHARS, DatasetError, display_name, resolve_dataset
 from shared.keys import Keys
 from shared.registry import ModelRegistry, remove_version
 from shared.schema import TrainParams
@@ -75,7 +75,8 @@ def run_training(
     if n < 2:
         raise JobError(
             "no_readable_images",
-            f"found {n} readable image(s) in {params.dataset!r}; training needs at least 2 "
+            f"found {n} readable image(s) in "
+            f"{display_name(params.dataset, SHOWN_CHARS, quote=True)}; training needs at least 2 "
             f"({len(decoded.skipped)} file(s) skipped)",
         )
 

@@ -72,10 +72,14 @@ def _active(stack) -> str | None:
 
 def test_models_lists_versions_and_activation_rolls_back(stack):
     base, first = stack["base"], stack["first_version"]
-    run = _cli(stack, "train", "animals_small", "--epochs", "1", "--image-size", "32",
-               "--seed", "3", "--wait", "--json")
+    # Typed the long way round: the job, its result and the version show the canonical name,
+    # and the worker, resolving it again, finds the folder.
+    run = _cli(stack, "train", "animals_small/../animals_small/", "--epochs", "1",
+               "--image-size", "32", "--seed", "3", "--wait", "--json")
     assert run.returncode == 0, run.stderr
-    second = json.loads(run.stdout)["result"]["version"]
+    trained = json.loads(run.stdout)
+    second = trained["result"]["version"]
+    assert trained["params"]["dataset"] == trained["result"]["dataset"] == "animals_small"
 
     listing = requests.get(f"{base}/models", timeout=5).json()
     assert listing["active"] == second
@@ -86,6 +90,7 @@ def test_models_lists_versions_and_activation_rolls_back(stack):
     assert newest["images"] == 3 * PER_CLASS and newest["embedding_dim"] == 256
     assert newest["architecture"] == "default" and newest["created_at"]
     assert newest["train_params"]["epochs"] == 1 and newest["train_params"]["seed"] == 3
+    assert newest["dataset"] == newest["train_params"]["dataset"] == "animals_small"
     assert newest["quality"] is None
     assert [m["active"] for m in listing["models"]].count(True) == 1
 
