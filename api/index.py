@@ -79,7 +79,7 @@ def _spool(job_id: str, uploads: list[tuple[str, bytes]]) -> list[dict]:
 def _int_option(source: dict, name: str, lo: int, hi: int, default: int | None,
                 from_form: bool) -> int | None:
     value = source.get(name, default)
-    if value is None:
+    if value is None and default is None:  # null means "the default" only where that is none
         return None
     if isinstance(value, str) and from_form:  # form fields are text; JSON numbers are numbers
         value = decimal_int(value)

@@ -649,13 +649,24 @@ def test_index_upload_with_an_empty_file_name_means_no_file(client, settings, re
     assert response.get_json()["error"]["code"] == "missing_image"
 
 
-@pytest.mark.parametrize("body", [{"k": "3"}, {"probes": "4"}, {"exact": "true"}])
+@pytest.mark.parametrize("body", [{"k": "3"}, {"probes": "4"}, {"exact": "true"}, {"k": None},
+                                  {"exact": None}])
 def test_json_query_options_must_be_json_numbers_and_booleans(client, settings, redis_client,
                                                               body):
     ModelRegistry(redis_client, Keys(settings.key_prefix)).activate("v-test")
     response = client.post("/jobs/query", json={"image_id": "a" * 24, **body})
     assert response.status_code == 400
     assert response.get_json()["error"]["field"] == next(iter(body))
+
+
+def test_json_query_probes_null_means_the_versions_default(client, settings, redis_client):
+    keys = Keys(settings.key_prefix)
+    ModelRegistry(redis_client, keys).activate("v-test")
+    redis_client.hset(keys.namespace("v-test").images, "a" * 24, "{}")
+    response = client.post("/jobs/query", json={"image_id": "a" * 24, "probes": None})
+    assert response.status_code == 202, response.get_data()
+    job = client.get(f"/jobs/{response.get_json()['job_id']}").get_json()
+    assert (job["params"]["k"], job["params"]["probes"]) == (10, None)
 
 
 # --------------------------------------------------------------------------- bounded echoes
