@@ -7,6 +7,7 @@ import time
 
 import redis
 from flask import Flask, jsonify, request
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,13 @@ def register(app: Flask) -> None:
                                   f"the request body stopped arriving: no data for {seconds} s")
         return error_response(400, "body_incomplete",
                               "the connection ended before the request body was complete")
+
+    @app.errorhandler(ParseException)
+    def _body_framing(exc: ParseException):
+        # gunicorn parses a chunked body as the app reads it, so broken chunk framing surfaces
+        # here rather than in gunicorn's own error answer (api.server_errors).
+        return error_response(400, "bad_request",
+                              f"the request body's framing is broken: {str(exc)[:200]}")
 
     @app.errorhandler(redis.RedisError)
     def _redis_down(exc):

@@ -79,6 +79,19 @@ def test_requests_refused_by_the_server_itself_get_json(api, raw, status, code):
     assert len(body) < 600  # the client's bytes are not echoed back in full
 
 
+CHUNKED = (b"POST /jobs/train HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+@pytest.mark.parametrize("body", [b"zz\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n"],
+                         ids=["bad-chunk-size", "chunk-without-terminator"])
+def test_broken_chunked_framing_is_400_json(api, body):
+    status, headers, text, _ = exchange(api, CHUNKED + body)
+    assert status == 400, text
+    assert headers["content-type"] == "application/json"
+    assert json.loads(text)["error"]["code"] == "bad_request"
+
+
 @pytest.mark.parametrize("kind", ["json", "multipart"])
 def test_a_stalled_body_gets_408_json_and_other_requests_keep_answering(api, kind):
     if kind == "json":
