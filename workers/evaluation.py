@@ -84,6 +84,14 @@ class IndexedImages:
         return len(self.rows)
 
 
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first few class names, bounded, for a message."""
+    if not names:
+        return "none"
+    head = ", ".join(display_name(name, 40) for name in names[:shown])
+    return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def _resolver(settings: Settings, params: EvaluateParams) -> LabelResolver:
     if not params.labels:
         return LabelResolver()
@@ -289,6 +297,23 @@ def run_evaluation(settings: Settings, client: redis.Redis, cache: ActiveModelCa
     counts = Counter(indexed.labels)
     relevant = [counts[label] - (1 if pos is not None else 0)
                 for label, pos in zip(query_labels, own, strict=True)]
+    # A query whose class no other indexed image has cannot be scored (it would count as 0 and
+    # drag the figures down: e.g. a folder evaluated one level too high, where every query's
+    # class is the dataset's own name). Leave those out, say so, and refuse when none is left.
+    scorable = [i for i, count in enumerate(relevant) if count > 0]
+    unmatched = sorted({query_labels[i] for i, count in enumerate(relevant) if count <= 0})
+    if not scorable:
+        raise JobError("no_matching_classes",
+                       f"no query image has a class that other indexed images share (query "
+                       f"classes: {_some(unmatched)}; indexed classes: "
+                       f"{_some(sorted(set(counts) - {UNLABELLED}))}): evaluate a folder with "
+                       "the same class folders as the index, or name a labels CSV")
+    skipped_no_match = len(query_rows) - len(scorable)
+    query_rows = query_rows[scorable]
+    query_labels = [query_labels[i] for i in scorable]
+    query_ids = [query_ids[i] for i in scorable]
+    own = [own[i] for i in scorable]
+    relevant = [relevant[i] for i in scorable]
 
     phase = time.perf_counter()
     report({"phase": "embed", "images_done": 0, "images_total": len(query_rows)})
@@ -336,6 +361,8 @@ def run_evaluation(settings: Settings, client: redis.Redis, cache: ActiveModelCa
         "queries": len(query_rows),
         "queries_in_index": sum(pos is not None for pos in own),
         "skipped_unlabelled": len(labelled) - len(kept),
+        "skipped_no_match": skipped_no_match,
+        "unmatched_classes": unmatched[:20],
         "skipped_files": len(decoded.skipped),
         "indexed": len(indexed),
         "exact": exact,

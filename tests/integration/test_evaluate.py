@@ -104,16 +104,48 @@ def test_figures_are_stored_with_the_model(service, held_out):
 
 
 def test_indexed_images_never_count_themselves(service):
-    # Every indexed photo gets a class of its own: the only image sharing it is itself, so
-    # leave-one-out precision is exactly 0 (it would be 1/k if a query could find itself).
+    # Indexed photos come in pairs sharing a class of their own: each query has exactly one
+    # relevant image besides itself. If a query could find itself (distance 0, first hit),
+    # every query would score at least 1/k; leaving itself out, most find their pair nowhere
+    # in the top k.
     root = service["root"]
-    lines = ["path,class"] + [f"base/{p.relative_to(root / 'base').as_posix()},only{n}"
-                              for n, p in enumerate(sorted((root / "base").rglob("*.jpg")))]
-    (root / "unique.csv").write_text("\n".join(lines) + "\n")
-    result = _evaluate(service["base"], dataset="base", labels="unique.csv", k=K)
+    photos = sorted((root / "base").rglob("*.jpg"))
+    lines = ["path,class"] + [f"base/{p.relative_to(root / 'base').as_posix()},pair{n // 2}"
+                              for n, p in enumerate(photos)]
+    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
+    result = _evaluate(service["base"], dataset="base", labels="pairs.csv", k=K)
     assert result["queries"] == result["queries_in_index"] == len(CLASSES) * INDEXED
+    assert result["skipped_no_match"] == 0
     for figures in (result["exact"], result["lsh"], *result["baselines"].values()):
-        assert figures["precision_at_k"] == 0.0
+        assert figures["precision_at_k"] < 1 / K
+
+
+def test_queries_of_classes_the_index_lacks_are_left_out(service):
+    root = service["root"]
+    mixed = root / "mixed"
+    shutil.copytree(root / "held", mixed)
+    (mixed / "zebra").mkdir()
+    # A photo of its own (a byte copy of another query would be skipped as a duplicate).
+    extra = copy_animals(root / "extra", 1, start=INDEXED + HELD + 1, classes=("cat",))
+    extra["cat"][0].rename(mixed / "zebra" / "z.jpg")
+    result = _evaluate(service["base"], dataset="mixed", k=K)
+    assert result["skipped_no_match"] == 1 and result["unmatched_classes"] == ["zebra"]
+    assert result["queries"] == len(CLASSES) * HELD
+    assert set(result["exact"]["per_class"]) == set(CLASSES)
+
+
+def test_evaluating_the_folder_above_the_classes_fails_and_keeps_the_stored_figures(service,
+                                                                                    held_out):
+    before = requests.get(f"{service['base']}/models", timeout=10).json()
+    # From the data root every query's class is its dataset's name (base, held...), which no
+    # indexed image has: nothing can be scored.
+    job = _finish(service["base"], requests.post(f"{service['base']}/jobs/evaluate",
+                                                 json={"dataset": "."}, timeout=10))
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "no_matching_classes"
+    assert "indexed classes: cat, dog, panda" in job["error"]["message"]
+    after = requests.get(f"{service['base']}/models", timeout=10).json()
+    assert after == before
 
 
 def test_labels_file_overrides_the_folder_classes(service):
