@@ -122,7 +122,7 @@ def parse_dataset_request(params_type):
     try:
         params = params_type.parse(body)
     except ValidationError as exc:
-        raise ApiError(400, "invalid_parameter", exc.message, field=exc.field) from None
+        raise ApiError(400, "invalid_parameter", str(exc), field=exc.field) from None
     data_root = services().settings.data_root
     try:
         root = resolve_dataset(data_root, params.dataset)
@@ -171,7 +171,7 @@ def create_query_job():
     try:
         params = QueryParams.parse(request.form)
     except ValidationError as exc:
-        raise ApiError(400, "invalid_parameter", exc.message, field=exc.field) from None
+        raise ApiError(400, "invalid_parameter", str(exc), field=exc.field) from None
     try:
         # Full decode here (JPEGs at reduced scale) so damaged files get a synchronous 4xx.
         decode_image(data, svc.settings.max_image_pixels, draft_size=256)

@@ -792,7 +792,7 @@ def test_integer_text_fields_still_take_plain_digits_and_range_check_negatives(
     assert response.status_code == 400
     assert response.get_json()["error"]["field"] == field
     if where == "query k":
-        assert response.get_json()["error"]["message"] == "must be between 1 and 100, got -1"
+        assert response.get_json()["error"]["message"] == "k: must be between 1 and 100, got -1"
 
 
 @pytest.mark.parametrize("wait", ["0.5", ".5", "1e-1", "0"])
