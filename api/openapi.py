@@ -248,13 +248,17 @@ RESPONSES: dict[str, Any] = {
         "Unsupported": "a known image format this service cannot read (e.g. heic, avif)",
         "ServerError": "unexpected server error (a bug)",
         "Unavailable": "Redis or the job queue is unreachable",
+        "BodyTimeout": "the request body stopped arriving for IMGSIM_BODY_TIMEOUT_S",
+        "RequestLineTooLong": "request line over 4,094 bytes (refused by the server)",
+        "HeadersTooLarge": "request headers over the server's limits",
     }.items()
 }
 RESPONSES["Unauthorized"]["headers"] = {
     "WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer challenge"}
 }
 
-_COMMON = {"401": _error("Unauthorized"), "500": _error("ServerError"),
+_COMMON = {"401": _error("Unauthorized"), "414": _error("RequestLineTooLong"),
+           "431": _error("HeadersTooLarge"), "500": _error("ServerError"),
            "503": _error("Unavailable")}
 _JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True,
                  "schema": {"type": "string"}, "description": "the id a 202 answer gave"}
@@ -453,6 +457,10 @@ def build_spec(auth_required: bool) -> dict[str, Any]:
                                                "description": "one of IMGSIM_API_KEYS"}},
         },
     }
+    for operations in spec["paths"].values():
+        for operation in operations.values():
+            if "requestBody" in operation:
+                operation["responses"]["408"] = _error("BodyTimeout")
     if auth_required:
         spec["security"] = [{"bearerAuth": []}]
     else:

@@ -120,3 +120,12 @@ def test_a_stalled_body_gets_408_json_and_other_requests_keep_answering(api, kin
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_the_document_lists_what_these_answers_can_be(api):
+    spec = requests.get(f"http://127.0.0.1:{api}/openapi.json", timeout=5).json()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert {"414", "431"} <= set(responses), (method, path)
+            assert ("408" in responses) == ("requestBody" in operation), (method, path)
