@@ -257,8 +257,7 @@ RESPONSES["Unauthorized"]["headers"] = {
     "WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer challenge"}
 }
 
-_COMMON = {"401": _error("Unauthorized"), "414": _error("RequestLineTooLong"),
-           "431": _error("HeadersTooLarge"), "500": _error("ServerError"),
+_COMMON = {"401": _error("Unauthorized"), "500": _error("ServerError"),
            "503": _error("Unavailable")}
 _JOB_ID_PARAM = {"name": "job_id", "in": "path", "required": True,
                  "schema": {"type": "string"}, "description": "the id a 202 answer gave"}
@@ -459,6 +458,9 @@ def build_spec(auth_required: bool) -> dict[str, Any]:
     }
     for operations in spec["paths"].values():
         for operation in operations.values():
+            # Refused by gunicorn before any route runs (api/server_errors.py), on any path.
+            operation["responses"]["414"] = _error("RequestLineTooLong")
+            operation["responses"]["431"] = _error("HeadersTooLarge")
             if "requestBody" in operation:
                 operation["responses"]["408"] = _error("BodyTimeout")
     if auth_required:
