@@ -17,7 +17,12 @@ timeout = 60
 
 
 def post_worker_init(worker) -> None:
-    """Errors gunicorn answers itself (request line too long, bad framing) are JSON too."""
+    """Errors gunicorn answers itself (request line too long, bad framing) are JSON too; the
+    app's one-off costs are paid in the background before the first request needs them."""
+    import threading
+
+    from api import warm_up
     from api.server_errors import install
 
     install()
+    threading.Thread(target=warm_up, args=(worker.wsgi,), name="warm-up", daemon=True).start()
