@@ -56,8 +56,9 @@ class Keys:
         """Celery queue name (``train`` or ``query``) under this prefix."""
         return f"{self.prefix}.{name}"
 
-    def worker_heartbeat(self, hostname: str) -> str:
-        return f"{self.prefix}:worker:{hostname}"
+    def worker_heartbeat(self, worker: str) -> str:
+        """Heartbeat of one worker start (``nodename#start-id``, see ``workers.recovery``)."""
+        return f"{self.prefix}:worker:{worker}"
 
     def worker_heartbeats_pattern(self) -> str:
         return f"{self.prefix}:worker:*"

@@ -186,11 +186,32 @@ def test_only_one_worker_sweeps_at_a_time(sweep):
 def test_heartbeat_lists_held_tasks_and_goes_on_shutdown(sweep):
     supervisor, client = sweep["supervisor"], sweep["redis"]
     supervisor.beat()
-    key = f"{sweep['prefix']}:worker:{supervisor.nodename}"
+    key = supervisor.heartbeat_key
+    assert key.startswith(f"{sweep['prefix']}:worker:{supervisor.nodename}#")
     beat = json.loads(client.get(key))
-    assert beat["tasks"] == [] and 0 < client.ttl(key) <= 3  # 3 periods of 1 s
+    assert beat["tasks"] == [] and beat["node"] == supervisor.nodename
+    assert 0 < client.ttl(key) <= 3  # 3 periods of 1 s
     supervisor.stop()
     assert not client.exists(key)
+
+
+def test_two_live_workers_with_one_node_name_do_not_hide_each_others_jobs(sweep, caplog):
+    # Two plain `celery worker` commands on one host are both celery@host. Each start beats
+    # under a key of its own: what one holds is never taken for lost because of the other.
+    first = sweep["supervisor"]
+    twin = Supervisor(first.app, first.settings, first.nodename)
+    held = sweep["deliver"]("running", age_s=60)
+    client = sweep["redis"]
+    client.set(first.heartbeat_key, json.dumps({"node": first.nodename, "pid": 1,
+                                                "tasks": [held]}), ex=30)
+    with caplog.at_level("WARNING", logger="workers.recovery"):
+        twin.beat()  # before: this overwrote the first worker's heartbeat (no tasks listed)
+    assert twin.heartbeat_key != first.heartbeat_key
+    assert json.loads(client.get(first.heartbeat_key))["tasks"] == [held]
+    assert twin.sweep() == {"restored": [], "dropped": []}
+    assert sweep["unacked"]() == {held}
+    assert "another live worker uses the node name" in caplog.text
+    twin.forget()
 
 
 # --------------------------------------------------------------------------- hard time limit

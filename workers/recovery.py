@@ -10,8 +10,9 @@ restart, the training's message stayed in ``unacked`` and the job ``running`` in
 
 So every worker parent
 
-* writes a heartbeat every ``IMGSIM_HEARTBEAT_S`` seconds: ``<prefix>:worker:<nodename>`` =
-  JSON ``{"pid", "tasks": [ids of the messages it holds]}``, expiring after 3 periods;
+* writes a heartbeat every ``IMGSIM_HEARTBEAT_S`` seconds: ``<prefix>:worker:<nodename>#<id>``
+  (``id`` new at every start) = JSON ``{"node", "pid", "tasks": [ids of the messages it
+  holds]}``, expiring after 3 periods;
 * sweeps the ``unacked`` hash (one worker at a time, under a short Redis lock): a job message
   delivered more than 3 periods ago that no live heartbeat lists belongs to a lost worker. It
   is put back at the head of its queue when its job is still queued or running (the next
@@ -19,9 +20,12 @@ So every worker parent
   ``worker_lost`` beyond ``IMGSIM_MAX_ATTEMPTS``), or simply dropped when the job already
   ended (its ack was lost, e.g. with a Redis restart) or expired.
 
-A worker that comes back under the same node name overwrites its predecessor's heartbeat, so
-its lost jobs are restored by its first sweep. Only job messages are handled here; anything
-else (the delayed version clean-up) is left to kombu's visibility timeout.
+Every worker start has a heartbeat of its own: two live workers sharing a node name (two
+plain ``celery worker`` commands on one host are both ``celery@host``) must not hide each
+other's messages, or a running training would be taken for lost and started again. A lost
+worker's jobs are restored once its heartbeat has expired, at most 3 periods after it died.
+Only job messages are handled here; anything else (the delayed version clean-up) is left to
+kombu's visibility timeout.
 
 This module never imports torch: it runs in the parent process, before and after the fork.
 """
@@ -66,6 +70,11 @@ return 0
 """
 
 
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally in a Redis SCAN pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+
 def held_task_ids() -> list[str]:
     """Ids of every message this worker process holds (reserved, running or scheduled)."""
     from celery.worker import state
@@ -93,6 +102,8 @@ class Supervisor:
         self.settings = settings
         self.nodename = nodename
         self.keys = Keys(settings.key_prefix)
+        self.heartbeat_key = self.keys.worker_heartbeat(f"{nodename}#{uuid.uuid4().hex[:12]}")
+        self._warned_duplicate = False
         # Short, even retries: after a Redis restart the heartbeat must be back well within the
         # 3 periods after which others would count this worker as lost.
         self.redis = redis.Redis.from_url(
@@ -112,13 +123,23 @@ class Supervisor:
 
     def beat(self) -> None:
         """Write this worker's heartbeat with the ids of the messages it holds."""
-        value = json.dumps({"pid": os.getpid(), "tasks": held_task_ids(), "at": time.time()})
-        self.redis.set(self.keys.worker_heartbeat(self.nodename), value,
-                       ex=self.lost_after_s)
+        value = json.dumps({"node": self.nodename, "pid": os.getpid(),
+                            "tasks": held_task_ids(), "at": time.time()})
+        self.redis.set(self.heartbeat_key, value, ex=self.lost_after_s)
+        if not self._warned_duplicate:
+            twins = [key for key in self.redis.scan_iter(
+                match=self.keys.worker_heartbeat(f"{_glob_escape(self.nodename)}#*"), count=200)
+                if key.decode() != self.heartbeat_key]
+            if twins:
+                # Harmless for jobs (each start beats under its own key), confusing for
+                # Celery's own tools (inspect, control) that address workers by node name.
+                log.warning("another live worker uses the node name %s: give each worker its "
+                            "own with -n NAME@%%h", self.nodename)
+                self._warned_duplicate = True
 
     def forget(self) -> None:
         """Remove this worker's heartbeat (clean shutdown: it holds nothing any more)."""
-        self.redis.delete(self.keys.worker_heartbeat(self.nodename))
+        self.redis.delete(self.heartbeat_key)
 
     def _claimed(self) -> set[str] | None:
         """Task ids held by live workers; None when a heartbeat does not say (older worker)."""

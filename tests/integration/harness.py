@@ -208,12 +208,13 @@ def service_stack(redis_url: str, data_root: Path, artifacts: Path, log_dir: Pat
 def wait_for_worker(client: redis.Redis, prefix: str, name: str, pid: int,
                     timeout: float = 90.0) -> None:
     """Wait until the worker ``name`` started as process ``pid`` wrote its own heartbeat."""
-    key = f"{prefix}:worker:{name}@{socket.gethostname()}"
+    pattern = f"{prefix}:worker:{name}@{socket.gethostname()}#*"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        raw = client.get(key)
-        if raw and json.loads(raw).get("pid") == pid:
-            return
+        for key in client.scan_iter(match=pattern):
+            raw = client.get(key)
+            if raw and json.loads(raw).get("pid") == pid:
+                return
         time.sleep(0.1)
     raise TimeoutError(f"worker {name} (pid {pid}) did not report within {timeout}s")
 
