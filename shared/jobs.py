@@ -56,6 +56,8 @@ end
 return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 """
 # GET /jobs reads the index in batches of this many ids, and at most LIST_SCAN_LIMIT per call.
+# Ids trim_index looks at per call.
+TRIM_BATCH = 200
 LIST_BATCH = 200
 LIST_SCAN_LIMIT = 2000
 
@@ -130,9 +132,8 @@ class JobStore:
         pipe.hset(key, mapping=fields)
         pipe.expire(key, self._ttl_s)
         pipe.zadd(self._keys.jobs_index(), {job_id: time.time()})
-        # The index outlives no record: ids older than the TTL are trimmed on every create.
-        pipe.zremrangebyscore(self._keys.jobs_index(), "-inf", time.time() - self._ttl_s)
         pipe.execute()
+        self.trim_index()  # the index outlives no record for long
         return self.get(job_id) or {}
 
     def get(self, job_id: str) -> dict[str, Any] | None:
@@ -340,10 +341,32 @@ class JobStore:
         return self._finish(job_id, JobStatus.CANCELED,
                             error={"code": "canceled", "message": message}, attempt=attempt)
 
-    def trim_index(self) -> int:
-        """Drop ids older than the job TTL from the jobs index; return how many."""
-        return int(self._redis.zremrangebyscore(self._keys.jobs_index(), "-inf",
-                                                time.time() - self._ttl_s))
+    def trim_index(self, batch: int = TRIM_BATCH) -> int:
+        """Drop the ids of expired records from the old end of the jobs index.
+
+        Only ids older than this process's TTL are looked at (usually none: they were trimmed
+        before), and each is removed only once its record is gone. A record's own expiry is
+        what counts: another API process may run with a longer IMGSIM_JOB_TTL_S (a rolling
+        change of the setting), and its jobs must stay listed for as long as they exist.
+
+        Args:
+            batch: most ids looked at per call (keeps a create cheap).
+
+        Returns:
+            How many ids were removed.
+        """
+        index = self._keys.jobs_index()
+        old = self._redis.zrangebyscore(index, "-inf", time.time() - self._ttl_s, start=0,
+                                        num=batch)
+        if not old:
+            return 0
+        pipe = self._redis.pipeline(transaction=False)
+        for member in old:
+            pipe.exists(self._keys.job(member.decode()))
+        gone = [member for member, alive in zip(old, pipe.execute(), strict=True) if not alive]
+        if gone:
+            self._redis.zrem(index, *gone)
+        return len(gone)
 
     def list_jobs(
         self,

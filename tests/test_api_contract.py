@@ -464,6 +464,21 @@ def test_records_expire_and_the_index_is_trimmed(redis_client, settings):
     assert [j["job_id"] for j in jobs] == [new["job_id"]] and cursor is None
 
 
+def test_a_shorter_ttl_elsewhere_never_unlists_jobs_that_still_exist(redis_client, settings):
+    # One API process with IMGSIM_JOB_TTL_S=1 (a rolling change of the setting) next to one
+    # with a day: the day-long records stay listed until they expire themselves.
+    keys = Keys(settings.key_prefix)
+    long_lived = JobStore(redis_client, keys, ttl_s=86_400)
+    short = JobStore(redis_client, keys, ttl_s=1)
+    kept = long_lived.create(JobType.TRAIN, {})
+    time.sleep(1.2)
+    short.create(JobType.QUERY, {})
+    short.list_jobs()
+    assert redis_client.zscore(keys.jobs_index(), kept["job_id"]) is not None
+    listed, _ = long_lived.list_jobs(job_type="train")
+    assert [j["job_id"] for j in listed] == [kept["job_id"]]
+
+
 def test_listing_drops_ids_whose_record_vanished(store, redis_client, settings):
     keys = Keys(settings.key_prefix)
     gone = store.create(JobType.QUERY, {})
