@@ -222,6 +222,8 @@ def test_compose_imgsim_vars_are_real_settings(services: dict) -> None:
         keys = {k for k in environment(services[name]) if k.startswith("IMGSIM_")}
         assert keys, name
         assert keys <= known, f"{name}: unknown {sorted(keys - known)}"
+        # Every setting can be set from the host (API keys included), none silently dropped.
+        assert known <= keys, f"{name}: not passed {sorted(known - keys)}"
     mentioned = set(re.findall(r"IMGSIM_[A-Z0-9_]+", COMPOSE.read_text()))
     assert mentioned - COMPOSE_ONLY_VARS <= known, sorted(mentioned - COMPOSE_ONLY_VARS - known)
 
@@ -236,9 +238,8 @@ def test_environment_is_accepted_by_settings(services: dict, name: str) -> None:
     assert (url.port or 6379) == 6379
     # Pass-through defaults agree with the service's own defaults.
     defaults = Settings()
-    for field in ("key_prefix", "job_ttl_s", "upload_ttl_s", "max_upload_bytes",
-                  "max_image_pixels", "torch_threads", "worker_concurrency",
-                  "train_time_limit_s", "redis_timeout_s", "heartbeat_s", "max_attempts"):
+    chosen_by_compose = {"redis_url", "data_root", "artifacts_dir", "device"}
+    for field in {f.name for f in dataclasses.fields(Settings)} - chosen_by_compose:
         assert getattr(settings, field) == getattr(defaults, field), field
 
 
