@@ -9,8 +9,9 @@
 # An empty TORCH_INDEX_URL installs torch from PyPI only (CUDA-enabled on linux/x86_64).
 FROM python:3.11-slim
 
-# +cpu / +cuXXX local versions sort above PyPI's plain ones, so pip takes torch from
-# this index whenever it carries a version inside pyproject's range.
+# torch is installed first from this index alone (pyproject's range, the newest build the
+# index has): with the index only added to PyPI, pip would take the newest version of either,
+# e.g. PyPI's latest CUDA build instead of a cu124 one the host driver supports.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -26,7 +27,11 @@ COPY workers/ workers/
 COPY shared/ shared/
 COPY client/ client/
 
-RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[worker]"
+RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+        torch_spec=$(python -c 'import tomllib; extra = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["worker"]; print(next(r for r in extra if r.startswith("torch")))') \
+        && pip install --index-url "$TORCH_INDEX_URL" "$torch_spec"; \
+    fi \
+    && pip install ".[worker]"
 
 # Non-root user. /artifacts and /data are created here, owned by that user, so a named
 # volume mounted there starts out writable by it (Docker copies the ownership on first use).
