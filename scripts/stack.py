@@ -26,13 +26,12 @@ LOGS = VAR / "log"
 BIN = Path(sys.executable).parent
 
 
-def stack_env(data_root: Path, port: int) -> dict[str, str]:
+def stack_env(data_root: Path) -> dict[str, str]:
     """Environment of every process of the demo stack (settings come from IMGSIM_* only)."""
     env = dict(os.environ)
     env.setdefault("IMGSIM_REDIS_URL", "redis://127.0.0.1:6379/0")
     env["IMGSIM_DATA_ROOT"] = str(data_root)
     env.setdefault("IMGSIM_ARTIFACTS_DIR", str(VAR / "artifacts"))
-    env["IMGSIM_PUBLIC_URL"] = env.get("IMGSIM_PUBLIC_URL", f"http://127.0.0.1:{port}")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -93,7 +92,7 @@ def _workers_seen(port: int) -> int:
 def start(data_root: Path, port: int, timeout: float = 120.0) -> None:
     """(Re)start the worker and the API and wait until the API answers and a worker is up."""
     stop()
-    env = stack_env(data_root, port)
+    env = stack_env(data_root)
     _spawn("worker", [str(BIN / "celery"), "-A", "workers.celery_app", "worker",
                       "--loglevel=INFO", "-n", "demo@%h"], env)
     # Processes, threads and timeout come from gunicorn.conf.py (read from the repository).

@@ -365,7 +365,11 @@ function trainingText(job) {
   if (p.phase) parts.push(`phase ${p.phase}`);
   if (p.epoch) parts.push(`epoch ${p.epoch}/${p.epochs ?? "?"}`);
   if (p.loss != null) parts.push(`loss ${fmt(p.loss, 4)}`);
-  if (p.images_total) parts.push(`images ${p.images_done ?? 0}/${p.images_total}`);
+  if (p.images_total) {
+    // Training counts each photo once per epoch: say so, or the total reads as a photo count.
+    const unit = p.phase === "train" && p.epochs ? "photos × epochs" : "images";
+    parts.push(`${unit} ${p.images_done ?? 0}/${p.images_total}`);
+  }
   if (job.status === "succeeded" && job.result) {
     parts.push(`→ ${job.result.version} (${job.result.images_indexed} images)`);
   }
