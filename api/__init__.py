@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 
 from celery import Celery
 from flask import Flask, Request, Response, request
-from PIL import Image as PilImage
 
-from shared.images import decode_image
+from shared.images import decode_image, sample_jpeg
 from shared.jobs import QUERY_QUEUE, QUERY_TASK, TRAIN_QUEUE, TRAIN_TASK, JobStore
 from shared.keys import Keys
 from shared.redis_clients import api_redis, broker_transport_options
@@ -91,10 +89,8 @@ def warm_up(app: Flask) -> None:
         app: an app from ``create_app``.
     """
     svc = app.extensions["imgsim"]
-    buffer = io.BytesIO()
-    PilImage.new("RGB", (16, 16)).save(buffer, "JPEG")
     try:
-        decode_image(buffer.getvalue(), svc.settings.max_image_pixels, draft_size=256)
+        decode_image(sample_jpeg(), svc.settings.max_image_pixels, draft_size=256)
         svc.redis.ping()
         with svc.queue.producer_or_acquire() as producer:
             producer.connection.ensure_connection(max_retries=1)

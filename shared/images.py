@@ -466,6 +466,21 @@ def load_for_model(data: bytes, size: int, max_pixels: int) -> np.ndarray:
     return np.asarray(fit_square(rgb, size), dtype=np.uint8)
 
 
+def sample_jpeg(side: int = 32) -> bytes:
+    """A small valid gray JPEG: decoding it once sets up Pillow's decoder (and, through a model,
+    its kernels) before a real request pays for that (API and worker warm-ups).
+
+    Args:
+        side: width and height in pixels.
+
+    Returns:
+        The JPEG bytes.
+    """
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (128, 128, 128)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
 def read_file_bytes(path: Path, max_bytes: int) -> bytes:
     """Read a file for decoding, refusing ones beyond ``max_bytes``.
 

@@ -132,8 +132,10 @@ class JobStore:
         pipe.hset(key, mapping=fields)
         pipe.expire(key, self._ttl_s)
         pipe.zadd(self._keys.jobs_index(), {job_id: time.time()})
-        pipe.execute()
-        self.trim_index()  # the index outlives no record for long
+        pipe.zrangebyscore(self._keys.jobs_index(), "-inf", time.time() - self._ttl_s, start=0,
+                           num=TRIM_BATCH)
+        # The index outlives no record for long; usually nothing is old enough to look at.
+        self._drop_expired(pipe.execute()[-1])
         return self.get(job_id) or {}
 
     def get(self, job_id: str) -> dict[str, Any] | None:
@@ -355,17 +357,19 @@ class JobStore:
         Returns:
             How many ids were removed.
         """
-        index = self._keys.jobs_index()
-        old = self._redis.zrangebyscore(index, "-inf", time.time() - self._ttl_s, start=0,
-                                        num=batch)
-        if not old:
+        return self._drop_expired(self._redis.zrangebyscore(
+            self._keys.jobs_index(), "-inf", time.time() - self._ttl_s, start=0, num=batch))
+
+    def _drop_expired(self, candidates: list[bytes]) -> int:
+        """Remove from the jobs index those of ``candidates`` whose record is gone."""
+        if not candidates:
             return 0
         pipe = self._redis.pipeline(transaction=False)
-        for member in old:
+        for member in candidates:
             pipe.exists(self._keys.job(member.decode()))
-        gone = [member for member, alive in zip(old, pipe.execute(), strict=True) if not alive]
+        gone = [m for m, alive in zip(candidates, pipe.execute(), strict=True) if not alive]
         if gone:
-            self._redis.zrem(index, *gone)
+            self._redis.zrem(self._keys.jobs_index(), *gone)
         return len(gone)
 
     def list_jobs(

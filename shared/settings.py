@@ -66,8 +66,8 @@ class Settings:
     api_workers: int = 2
     api_threads: int = 16
     max_long_polls: int = 8
-    # Longest wait for the next bytes of a request body: a client that stops sending (or
-    # trickles) gets 408 instead of holding an API thread for ever.
+    # Longest wait for the next bytes of a request body: a client that stops sending gets 408
+    # instead of holding an API thread for ever (a trickle of bytes is not cut: see README).
     body_timeout_s: int = 30
     # Bearer keys; empty means no authentication. Kept out of repr so logs never show them.
     api_keys: tuple[str, ...] = field(default=(), repr=False)

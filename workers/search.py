@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import threading
@@ -11,9 +10,8 @@ import time
 import numpy as np
 import redis
 import torch
-from PIL import Image
 
-from shared.images import ImageDecodeError, load_for_model
+from shared.images import ImageDecodeError, load_for_model, sample_jpeg
 from shared.keys import Keys
 from shared.registry import ModelRegistry
 from shared.settings import Settings
@@ -71,14 +69,9 @@ def _warm_up(version: ModelVersion, index: LshIndex, device: torch.device,
     """Run one tiny query through the freshly loaded version, so the first real one does not
     pay one-off costs: ~60 ms on this CPU (oneDNN setting up the encoder's kernels for the
     query shape, Pillow's JPEG decoder, the first touch of the vector file)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (128, 128, 128)).save(buffer, "JPEG")
-    size = version.model_config.image_size
-    pixels = load_for_model(buffer.getvalue(), size, settings.max_image_pixels)[None]
-    code = encode_images(version.model, pixels, device, precision=settings.precision)
-    vector = normalise(code, version.center)[0]
+    query = embed_upload(version, settings, sample_jpeg(), device)
     if index.store is not None and len(index.store):
-        index.search(vector, 1, exact=True)
+        search_vector(version, index, query, 1, exact=True)
 
 
 def open_index(client: redis.Redis, keys: Keys, settings: Settings,
@@ -175,6 +168,39 @@ def run_query_by_id(cache: ActiveModelCache, image_id: str, k: int, probes: int 
             **part, "timings_ms": {"total_ms": round((time.perf_counter() - t0) * 1000, 2)}}
 
 
+def embed_upload(version: ModelVersion, settings: Settings, data: bytes, device: torch.device,
+                 timings: dict[str, float] | None = None) -> np.ndarray:
+    """Decode an uploaded image and embed it as the index's vectors are (centred, unit length).
+
+    Args:
+        version: the loaded model version.
+        settings: service settings (pixel cap, precision).
+        data: the image file's bytes.
+        device: torch device.
+        timings: receives ``decode_ms`` and ``encode_ms`` when given.
+
+    Returns:
+        The (dim,) query vector.
+
+    Raises:
+        JobError: not a usable image, or the model produced a non-finite embedding.
+    """
+    t0 = time.perf_counter()
+    try:
+        pixels = load_for_model(data, version.model_config.image_size, settings.max_image_pixels)
+    except ImageDecodeError as exc:
+        raise JobError(exc.code, exc.message) from None
+    t1 = time.perf_counter()
+    code = encode_images(version.model, pixels[None], device, precision=settings.precision)
+    if not np.isfinite(code).all():
+        raise JobError("embedding_not_finite", "the model produced a NaN/inf embedding")
+    query = normalise(code, version.center)[0]
+    if timings is not None:
+        timings["decode_ms"] = (t1 - t0) * 1000
+        timings["encode_ms"] = (time.perf_counter() - t1) * 1000
+    return query
+
+
 def run_query(
     cache: ActiveModelCache,
     settings: Settings,
@@ -206,18 +232,7 @@ def run_query(
     t0 = time.perf_counter()
     version, index = cache.get()
     timings["load_ms"] = (time.perf_counter() - t0) * 1000
-    t0 = time.perf_counter()
-    try:
-        pixels = load_for_model(data, version.model_config.image_size, settings.max_image_pixels)
-    except ImageDecodeError as exc:
-        raise JobError(exc.code, exc.message) from None
-    timings["decode_ms"] = (time.perf_counter() - t0) * 1000
-    t0 = time.perf_counter()
-    code = encode_images(version.model, pixels[None], device, precision=settings.precision)
-    if not np.isfinite(code).all():
-        raise JobError("embedding_not_finite", "the model produced a NaN/inf embedding")
-    query = normalise(code, version.center)[0]
-    timings["encode_ms"] = (time.perf_counter() - t0) * 1000
+    query = embed_upload(version, settings, data, device, timings)
     t0 = time.perf_counter()
     part = search_vector(version, index, query, k, probes, exact)
     timings["search_ms"] = (time.perf_counter() - t0) * 1000
